@@ -1,0 +1,97 @@
+"""CLIP2SAM: SAM's mask decoder with a label token, plus the FPN + RoIAlign recognition head (spec §1.6-1.7)."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+from segment_anything.modeling.mask_decoder import MLP
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+
+from .config import OVSAMConfig
+from .roi import multi_level_roi_align
+
+FPN_STRIDES = (4, 8, 16, 32)
+
+
+def cosine_logits(features: torch.Tensor, text_embeddings: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · max over prototypes of cos(feature, text), with an all-zero background class appended.
+
+    features: [N, D]; text_embeddings: [K, P, D] unit-norm. Returns [N, K+1]; the background logit is 0.
+    """
+    feats = F.normalize(features.float(), dim=-1)
+    cos = torch.einsum("nd,kpd->nkp", feats, text_embeddings.float().to(feats.device)).amax(dim=-1)
+    return torch.cat([cos * scale, cos.new_zeros(cos.shape[0], 1)], dim=1)
+
+
+class CLIP2SAMHead(nn.Module):
+    """Decodes one mask per prompt and classifies it from FPN RoI features of the CLIP trunk."""
+
+    def __init__(self, cfg: OVSAMConfig) -> None:
+        super().__init__()
+        dim = cfg.prompt_embed_dim
+        self.mask_decoder = MaskDecoder(
+            transformer_dim=dim,
+            transformer=TwoWayTransformer(
+                depth=cfg.decoder_depth, embedding_dim=dim, mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_num_heads
+            ),
+            num_multimask_outputs=0,
+        )
+        # OVSAM has no IoU branch; removing it makes strict loading of the released weights possible.
+        del self.mask_decoder.iou_token
+        del self.mask_decoder.iou_prediction_head
+        self.label_token = nn.Embedding(1, dim)
+        # Kept for the released key layout only: its output is multiplied by 0 in the reference (bug B3).
+        self.label_mlp = MLP(dim, dim, cfg.clip_embed_dim, 3)
+        self.label_mlp.requires_grad_(False)
+        self.fpn = FeaturePyramidNetwork(list(cfg.trunk_channels), cfg.fpn_channels)
+        self.roi_conv = nn.Conv2d(cfg.fpn_channels, cfg.clip_embed_dim, kernel_size=1, bias=False)
+        self.roi_size = cfg.head_roi_size
+        self.finest_scale = cfg.finest_scale
+        self.logit_scale = cfg.logit_scale
+
+    def pyramid(self, clip_feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """P2..P5 from C2..C5."""
+        out = self.fpn({str(i): f for i, f in enumerate(clip_feats)})
+        return [out[str(i)] for i in range(len(clip_feats))]
+
+    def decode_masks(
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Low-res mask logits [N, 1, 4g, 4g]; tokens are [label, mask, prompts…] (SAM's IoU slot -> label).
+
+        image_embedding: [B, C, g, g]; image_index: [N] which image each prompt belongs to (default 0).
+        """
+        dec = self.mask_decoder
+        n = sparse.shape[0]
+        tokens = torch.cat([self.label_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+        if image_index is None:
+            src = image_embedding[:1].expand(n, -1, -1, -1)
+        else:
+            src = image_embedding[image_index]
+        src = src + dense
+        pos = image_pe.expand(n, -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = dec.transformer(src, pos, tokens)
+        mask_token_out = hs[:, 1]
+        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = dec.output_hypernetworks_mlps[0](mask_token_out)
+        bu, cu, hu, wu = upscaled.shape
+        return (hyper.unsqueeze(1) @ upscaled.view(bu, cu, hu * wu)).view(bu, 1, hu, wu)
+
+    def roi_embeddings(self, pyramid: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """[N, 5] rois in input pixels -> [N, clip_embed_dim] recognition features."""
+        pooled = multi_level_roi_align(pyramid, rois, self.roi_size, FPN_STRIDES, self.finest_scale)
+        return F.relu(self.roi_conv(pooled)).mean(dim=(2, 3))
+
+    def classify(self, pyramid: Sequence[torch.Tensor], rois: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Head class logits [N, K+1]."""
+        return cosine_logits(self.roi_embeddings(pyramid, rois), text_embeddings, self.logit_scale)

@@ -1,0 +1,168 @@
+"""OVSAM as one nn.Module: CLIP trunk -> SAM2CLIP neck -> SAM prompt encoder -> CLIP2SAM head (+ CLIP branch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import PromptEncoder
+from torch import nn
+
+from .backbone import CLIPTrunk
+from .config import OVSAMConfig
+from .fusion import fuse_logits
+from .head import CLIP2SAMHead, cosine_logits
+from .neck import SAM2CLIPNeck
+from .roi import boxes_to_rois, masks_to_boxes_exclusive
+from .transforms import ImageFrame, resize_and_normalize, validate_image
+
+
+@dataclass
+class ImageFeatures:
+    """Everything `predict` needs from one image, so clicks never touch the trunk or neck again."""
+
+    embedding: torch.Tensor  # [1, C, g, g] SAM-like image embedding
+    pyramid: List[torch.Tensor]  # P2..P5 for the recognition head
+    c5: torch.Tensor  # [1, C5, s/32, s/32] for the CLIP branch
+    frame: ImageFrame
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.embedding, self.c5, *self.pyramid]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "ImageFeatures":
+        conv = lambda t: t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
+        return ImageFeatures(conv(self.embedding), [conv(p) for p in self.pyramid], conv(self.c5), self.frame)
+
+
+@dataclass
+class Recognition:
+    scores: torch.Tensor  # [N, K+1] fused log-scores (or head log-probabilities without the CLIP branch)
+    head_logits: torch.Tensor  # [N, K+1]
+    clip_logits: Optional[torch.Tensor]  # [N, K+1]
+    rois: torch.Tensor  # [N, 5] head RoIs in input pixels
+
+
+class OVSAM(nn.Module):
+    """The whole model. Trunk, neck and prompt encoder are frozen; the head (CLIP2SAM) is what fine-tuning trains."""
+
+    def __init__(self, cfg: OVSAMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = CLIPTrunk(cfg)
+        self.neck = SAM2CLIPNeck(cfg)
+        g = cfg.embedding_size
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(g, g),
+            input_image_size=(cfg.image_size, cfg.image_size),
+            mask_in_chans=16,
+        )
+        self.head = CLIP2SAMHead(cfg)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std), persistent=False)
+        self.freeze_frozen_parts()
+
+    # ---- training helpers -------------------------------------------------------------------
+    def freeze_frozen_parts(self) -> None:
+        """CLIP trunk, SAM2CLIP neck and prompt encoder never train in CLIP2SAM (spec §2.2)."""
+        for module in (self.trunk, self.neck, self.prompt_encoder):
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "OVSAM":
+        super().train(mode)
+        # The trunk's BatchNorm keeps its running statistics; frozen parts stay in eval mode.
+        for module in (self.trunk, self.neck, self.prompt_encoder):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ---- image side -------------------------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> Tuple[torch.Tensor, ImageFrame]:
+        image = validate_image(image)
+        frame = ImageFrame.for_image(image.shape[0], image.shape[1], self.cfg.image_size)
+        x = resize_and_normalize(image, frame, self.pixel_mean, self.pixel_std)
+        return x.to(self.device), frame
+
+    def encode_batch(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        """[B, 3, S, S] normalised input -> (embedding [B,C,g,g], pyramid P2..P5, trunk C2..C5)."""
+        feats = self.trunk(x)
+        embedding = self.neck(feats)
+        pyramid = self.head.pyramid(feats)
+        return embedding, pyramid, feats
+
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
+        x, frame = self.preprocess(image)
+        embedding, pyramid, feats = self.encode_batch(x)
+        return ImageFeatures(embedding, pyramid, feats[3], frame)
+
+    # ---- prompt side ------------------------------------------------------------------------
+    def encode_prompts(
+        self,
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SAM's prompt encoding: points [N,P,2] (labels 1/0, -1 = padding) and/or boxes [N,4], input pixels."""
+        pts = (points, point_labels) if points is not None else None
+        return self.prompt_encoder(points=pts, boxes=boxes, masks=mask_input)
+
+    def image_pe(self) -> torch.Tensor:
+        return self.prompt_encoder.get_dense_pe()
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        image_index: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return self.head.decode_masks(embedding, self.image_pe(), sparse, dense, image_index)
+
+    # ---- recognition ------------------------------------------------------------------------
+    def mask_boxes(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Boxes of the predicted masks in input pixels (the head's RoIs at inference, spec §1.6)."""
+        stride = self.cfg.image_size / low_res.shape[-1]
+        return masks_to_boxes_exclusive(low_res[:, 0] > 0) * stride
+
+    def recognise(
+        self,
+        pyramid: List[torch.Tensor],
+        c5: torch.Tensor,
+        low_res: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        is_base: torch.Tensor,
+        head_boxes: Optional[torch.Tensor] = None,
+        clip_boxes: Optional[torch.Tensor] = None,
+        image_index: Optional[torch.Tensor] = None,
+    ) -> Recognition:
+        """Classify each mask against the vocabulary; boxes default to the predicted masks' boxes."""
+        if head_boxes is None:
+            head_boxes = self.mask_boxes(low_res)
+        batch_idx = image_index if image_index is not None else 0
+        rois = boxes_to_rois(head_boxes.float(), batch_idx)
+        head_logits = self.head.classify(pyramid, rois, text_embeddings)
+        if not self.cfg.use_clip_branch:
+            return Recognition(F.log_softmax(head_logits, dim=-1), head_logits, None, rois)
+        clip_rois = rois if clip_boxes is None else boxes_to_rois(clip_boxes.float(), batch_idx)
+        clip_logits = self.clip_branch_logits(c5, clip_rois, text_embeddings)
+        g = c5.shape[-1]
+        valid = (F.interpolate(low_res.float(), (g, g), mode="bilinear", align_corners=False) > 0).flatten(1).any(1)
+        scores = fuse_logits(head_logits, clip_logits, is_base, valid, self.cfg.alpha, self.cfg.beta)
+        return Recognition(scores, head_logits, clip_logits, rois)
+
+    def clip_branch_logits(self, c5: torch.Tensor, rois: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """RoIAlign on C5 then CLIP's attention pool: the frozen CLIP's own opinion (spec §1.8)."""
+        from torchvision.ops import roi_align
+
+        size = self.cfg.clip_roi_size
+        pooled = roi_align(c5, rois.to(c5.dtype), size, spatial_scale=1.0 / 32, sampling_ratio=0, aligned=True)
+        return cosine_logits(self.trunk.attention_pool(pooled), text_embeddings, self.cfg.logit_scale)

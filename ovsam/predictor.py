@@ -1,0 +1,236 @@
+"""The predictor the backend uses: embed an image once, then answer clicks and boxes with mask + class."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from segment_anything.utils.amg import calculate_stability_score
+
+from .cache import SingleFlightLRUCache
+from .fusion import foreground_probabilities
+from .model import OVSAM, ImageFeatures
+from .transforms import upscale_mask_logits, validate_image
+from .vocabulary import Vocabulary
+
+
+@dataclass
+class Prompt:
+    """One object's prompt in original-image pixels; any mix of points (1 = positive, 0 = negative) and a box."""
+
+    points: Optional[np.ndarray] = None  # [P, 2] (x, y)
+    point_labels: Optional[np.ndarray] = None  # [P]
+    box: Optional[np.ndarray] = None  # [4] x1, y1, x2, y2
+    mask_input: Optional[torch.Tensor] = None  # [1, l, l] low-res logits of a previous prediction
+    clip_box: Optional[np.ndarray] = None  # [4] box for the CLIP branch (evaluation modes only)
+
+
+@dataclass
+class LabelScore:
+    label: str
+    probability: float
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray  # [H0, W0] bool
+    low_res_logits: torch.Tensor  # [1, l, l], feed back as Prompt.mask_input to refine
+    label: str
+    label_index: int
+    probability: float
+    top_k: List[LabelScore]
+    stability: float
+    score: float  # stability × recognition confidence: the head has no IoU output
+    box: np.ndarray  # [4] mask box in original pixels (x1, y1, x2, y2), zeros if empty
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content key: the same pixels are the same image, whatever URL or array they came from."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).data)
+    return h.hexdigest()
+
+
+def validate_prompt(prompt: Prompt, height: int, width: int) -> Prompt:
+    """Clear ValueErrors for empty prompts, points outside the image and malformed boxes."""
+    has_points = prompt.points is not None and np.asarray(prompt.points).size > 0
+    if not has_points and prompt.box is None:
+        raise ValueError("empty prompt: give at least one point or a box")
+    points = labels = None
+    if has_points:
+        points = np.asarray(prompt.points, dtype=np.float32).reshape(-1, 2)
+        if not np.isfinite(points).all():
+            raise ValueError("point coordinates must be finite numbers")
+        labels = np.ones(len(points), np.int64) if prompt.point_labels is None else np.asarray(prompt.point_labels).reshape(-1)
+        if len(labels) != len(points):
+            raise ValueError(f"{len(points)} points but {len(labels)} point labels")
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError("point labels must be 1 (positive) or 0 (negative)")
+        if not labels.any():
+            if prompt.box is None:
+                raise ValueError("at least one positive point is needed (all points are negative)")
+        outside = (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
+        if outside.any():
+            raise ValueError(f"point {points[outside][0].tolist()} is outside the {width}x{height} image")
+    box = None
+    if prompt.box is not None:
+        box = np.asarray(prompt.box, dtype=np.float32).reshape(-1)
+        if box.shape != (4,) or not np.isfinite(box).all():
+            raise ValueError("a box is four finite numbers x1, y1, x2, y2")
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"box {box.tolist()} has no area (need x2 > x1 and y2 > y1)")
+        if box[0] >= width or box[1] >= height or box[2] <= 0 or box[3] <= 0:
+            raise ValueError(f"box {box.tolist()} lies outside the {width}x{height} image")
+        box = np.clip(box, 0, [width, height, width, height]).astype(np.float32)
+    return Prompt(points, labels, box, prompt.mask_input, prompt.clip_box)
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """[x1, y1, x2, y2] (exclusive max) of a boolean mask; zeros when it is empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return np.zeros(4, np.float32)
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
+
+
+class OVSAMPredictor:
+    """Embeds images once (content-keyed, byte-bounded cache) and decodes prompts in batches.
+
+    Model work is serialised by a lock so several request threads can share one predictor; the cache makes
+    concurrent `set_image` calls for the same image compute it once.
+    """
+
+    def __init__(
+        self,
+        model: OVSAM,
+        vocabulary: Vocabulary,
+        cache_bytes: int = 2 << 30,
+        device: Optional[str | torch.device] = None,
+        use_autocast: bool = True,
+        max_batch: int = 64,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else model.device
+        self.model = model.to(self.device).eval()
+        self.vocabulary = vocabulary
+        self.cache: SingleFlightLRUCache[ImageFeatures] = SingleFlightLRUCache(cache_bytes, lambda f: f.nbytes)
+        self.use_autocast = use_autocast and self.device.type == "cuda"
+        self.max_batch = max_batch
+        self.model_lock = threading.RLock()
+        self._current: Optional[ImageFeatures] = None
+
+    # ---- state ------------------------------------------------------------------------------
+    def set_vocabulary(self, vocabulary: Vocabulary) -> None:
+        self.vocabulary = vocabulary
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        with self.model_lock, torch.inference_mode():
+            if self.use_autocast:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    yield
+            else:
+                yield
+
+    def set_image(self, image: np.ndarray, key: Optional[str] = None) -> ImageFeatures:
+        """Compute (or fetch from the cache) every per-image feature; also becomes the current image."""
+        image = validate_image(image)
+        key = key or image_key(image)
+
+        def compute() -> ImageFeatures:
+            with self._inference():
+                feats = self.model.encode_image(image)
+            return feats.to(self.device, torch.float32)
+
+        self._current = self.cache.get_or_compute(key, compute)
+        return self._current
+
+    def is_cached(self, image: np.ndarray) -> bool:
+        return image_key(validate_image(image)) in self.cache
+
+    # ---- prompts ----------------------------------------------------------------------------
+    def predict(
+        self,
+        points: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        top_k: int = 5,
+        features: Optional[ImageFeatures] = None,
+    ) -> Prediction:
+        """One object from any mix of points and a box in original pixels."""
+        return self.predict_batch([Prompt(points, point_labels, box, mask_input)], features=features, top_k=top_k)[0]
+
+    def predict_batch(
+        self, prompts: Sequence[Prompt], features: Optional[ImageFeatures] = None, top_k: int = 5
+    ) -> List[Prediction]:
+        """Many objects on one image in as few decoder calls as possible (prompts grouped by structure)."""
+        feats = features or self._current
+        if feats is None:
+            raise ValueError("no image: call set_image first")
+        h, w = feats.frame.original_size
+        checked = [validate_prompt(p, h, w) for p in prompts]
+        groups: Dict[Tuple[int, bool, bool], List[int]] = {}
+        for i, p in enumerate(checked):
+            n_pts = 0 if p.points is None else len(p.points)
+            groups.setdefault((n_pts, p.box is not None, p.mask_input is not None), []).append(i)
+        results: List[Optional[Prediction]] = [None] * len(checked)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.max_batch):
+                chunk = idx[start : start + self.max_batch]
+                for i, pred in zip(chunk, self._predict_group([checked[i] for i in chunk], feats, top_k)):
+                    results[i] = pred
+        return results  # type: ignore[return-value]
+
+    def _predict_group(self, prompts: List[Prompt], feats: ImageFeatures, top_k: int) -> List[Prediction]:
+        model, frame, dev = self.model, feats.frame, self.device
+        points = labels = boxes = masks = clip_boxes = None
+        if prompts[0].points is not None:
+            points = torch.stack([frame.points_to_input(p.points) for p in prompts]).to(dev)
+            labels = torch.stack([torch.as_tensor(p.point_labels, dtype=torch.long) for p in prompts]).to(dev)
+        if prompts[0].box is not None:
+            boxes = torch.stack([frame.boxes_to_input(p.box) for p in prompts]).to(dev)
+        if prompts[0].mask_input is not None:
+            masks = torch.stack([torch.as_tensor(p.mask_input).float().reshape(1, *p.mask_input.shape[-2:]) for p in prompts]).to(dev)
+        mode = model.cfg.clip_roi_boxes
+        if mode == "prompt_box" and boxes is not None:
+            clip_boxes = boxes
+        elif mode == "faithful" and all(p.clip_box is not None for p in prompts):
+            # The reference's CLIP branch reads unscaled original-coordinate boxes (bug B1), kept for comparisons.
+            clip_boxes = torch.as_tensor(np.stack([p.clip_box for p in prompts]), dtype=torch.float32, device=dev)
+        vocab = self.vocabulary
+        with self._inference():
+            sparse, dense = model.encode_prompts(points, labels, boxes, masks)
+            low_res = model.decode(feats.embedding, sparse, dense).float()
+            rec = model.recognise(
+                feats.pyramid, feats.c5, low_res, vocab.embeddings.to(dev), vocab.is_base.to(dev), clip_boxes=clip_boxes
+            )
+            probs = foreground_probabilities(rec.scores.float())
+            stability = calculate_stability_score(low_res[:, 0], 0.0, 1.0)
+        k = min(top_k, len(vocab))
+        top_p, top_i = probs.topk(k, dim=-1)
+        out: List[Prediction] = []
+        for j in range(len(prompts)):
+            logits = upscale_mask_logits(low_res[j : j + 1], frame)[0]
+            mask = (logits > 0).cpu().numpy()
+            top = [LabelScore(vocab.labels[int(i)], float(p)) for p, i in zip(top_p[j], top_i[j])]
+            stab = float(stability[j])
+            box = mask_box(mask)
+            out.append(
+                Prediction(
+                    mask=mask,
+                    low_res_logits=low_res[j].cpu(),
+                    label=top[0].label,
+                    label_index=int(top_i[j, 0]),
+                    probability=top[0].probability,
+                    top_k=top,
+                    stability=stab,
+                    score=stab * top[0].probability,
+                    box=box,
+                )
+            )
+        return out
