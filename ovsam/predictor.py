@@ -128,7 +128,7 @@ class OVSAMPredictor:
         self.vocabulary = vocabulary
 
     @contextlib.contextmanager
-    def _inference(self) -> Iterator[None]:
+    def inference(self) -> Iterator[None]:
         with self.model_lock, torch.inference_mode():
             if self.use_autocast:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -142,7 +142,7 @@ class OVSAMPredictor:
         key = key or image_key(image)
 
         def compute() -> ImageFeatures:
-            with self._inference():
+            with self.inference():
                 feats = self.model.encode_image(image)
             return feats.to(self.device, torch.float32)
 
@@ -203,7 +203,7 @@ class OVSAMPredictor:
             # The reference's CLIP branch reads unscaled original-coordinate boxes (bug B1), kept for comparisons.
             clip_boxes = torch.as_tensor(np.stack([p.clip_box for p in prompts]), dtype=torch.float32, device=dev)
         vocab = self.vocabulary
-        with self._inference():
+        with self.inference():
             sparse, dense = model.encode_prompts(points, labels, boxes, masks)
             low_res = model.decode(feats.embedding, sparse, dense).float()
             rec = model.recognise(

@@ -1,0 +1,38 @@
+"""`python -m training <command>`: one entry point for the training tools.
+
+Commands are registered by name -> (module, function, one-line help) and imported only when
+run, so `--help` is instant and one command's heavy imports never slow another. A command's
+function takes the remaining argv and returns an exit code; it builds its own argparse parser,
+so `python -m training <command> --help` shows that command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "synth": ("training.synth", "main_synth", "generate a synthetic labelled data set of shapes"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description="Training tools for OVSAM in Label Studio.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, (_, _, help_text) in COMMANDS.items():
+        # add_help=False: the command's own parser answers --help with its real options.
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = build_parser().parse_args(argv[:1]).command
+    module, function, _ = COMMANDS[command]
+    return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
