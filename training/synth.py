@@ -88,8 +88,9 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, angle: float, width: 
         _polygon(mask, _regular(cx, cy, [r, 0.45 * r] * 5, angle))
     elif shape == "cross":
         a, b = r, 0.3 * r  # arm length and half width
-        plus = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b],
-                         [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]])
+        plus = np.array(
+            [[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]]
+        )
         rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         _polygon(mask, plus @ rot.T + [cx, cy])
     else:
@@ -133,7 +134,13 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     for _ in range(int(rng.integers(3, 10))):  # lines
         layer = img.copy()
         p, q = rng.integers(0, [width, height], size=(2, 2))
-        cv2.line(layer, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), rng.uniform(0, 255, 3).tolist(), int(rng.integers(1, 3)))
+        cv2.line(
+            layer,
+            (int(p[0]), int(p[1])),
+            (int(q[0]), int(q[1])),
+            rng.uniform(0, 255, 3).tolist(),
+            int(rng.integers(1, 3)),
+        )
         alpha = rng.uniform(0.15, 0.35)
         img = img * (1 - alpha) + layer * alpha
     return img.astype(np.float32)
@@ -154,7 +161,12 @@ def _object_colour(rng: np.random.Generator, background: np.ndarray, mask: np.nd
 
 
 def generate_image(
-    rng: np.random.Generator, width: int, height: int, classes: Sequence[tuple[str, str]], min_objects: int, max_objects: int
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    classes: Sequence[tuple[str, str]],
+    min_objects: int,
+    max_objects: int,
 ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
     """One RGB uint8 image and its (label, visible mask) objects, bottom-most first."""
     background = _background(rng, width, height)
@@ -204,7 +216,7 @@ def label_config(labels: Sequence[str], from_name: str = "tag", to_name: str = "
     img, name = quoteattr(to_name), from_name
     return (
         "<View>\n"
-        f"  <Image name={img} value=\"$image\" zoom=\"true\"/>\n"
+        f'  <Image name={img} value="$image" zoom="true"/>\n'
         f"  <BrushLabels name={quoteattr(name)} toName={img}>{items}\n  </BrushLabels>\n"
         f"  <KeyPointLabels name={quoteattr(name + '_point')} toName={img} smart=\"true\">{items}\n  </KeyPointLabels>\n"
         f"  <RectangleLabels name={quoteattr(name + '_box')} toName={img} smart=\"true\">{items}\n  </RectangleLabels>\n"
@@ -257,8 +269,12 @@ def write_dataset(cfg: SynthConfig, progress: bool = True) -> dict:
         name = f"img_{index:04d}.png"
         Image.fromarray(image).save(out / "images" / name, format="PNG")
         result = [_brush_region(index, k, label, mask, cfg) for k, (label, mask) in enumerate(objects)]
-        tasks.append({"data": {"image": f"{prefix}/{name}" if prefix else name},
-                      "annotations": [{"result": result, "ground_truth": True}]})
+        tasks.append(
+            {
+                "data": {"image": f"{prefix}/{name}" if prefix else name},
+                "annotations": [{"result": result, "ground_truth": True}],
+            }
+        )
         images.append({"id": index + 1, "file_name": name, "width": cfg.width, "height": cfg.height})
         for label, mask in objects:
             annotations.append(_coco_annotation(len(annotations) + 1, index + 1, category_ids[label], mask))
@@ -312,13 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=100)
     p.add_argument("--size", type=_parse_size, default=(256, 256), help="N or WxH (default 256)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classes", type=_parse_classes, default=",".join(SHAPES),
-                   help=f"comma list of shapes or label=shape pairs (default {','.join(SHAPES)})")
+    p.add_argument(
+        "--classes",
+        type=_parse_classes,
+        default=",".join(SHAPES),
+        help=f"comma list of shapes or label=shape pairs (default {','.join(SHAPES)})",
+    )
     p.add_argument("--min-objects", type=int, default=2)
     p.add_argument("--max-objects", type=int, default=6)
-    p.add_argument("--image-url-prefix", default="images",
-                   help="prefix of task image URLs, e.g. http://host:8081/images or /data/local-files/?d=synth/images "
-                        "(default: 'images', relative to --out)")
+    p.add_argument(
+        "--image-url-prefix",
+        default="images",
+        help="prefix of task image URLs, e.g. http://host:8081/images or /data/local-files/?d=synth/images "
+        "(default: 'images', relative to --out)",
+    )
     p.add_argument("--from-name", default="tag", help="BrushLabels name in the label config and results")
     p.add_argument("--to-name", default="image", help="Image name in the label config and results")
     p.add_argument("--no-progress", action="store_true")
@@ -328,9 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main_synth(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = SynthConfig(
-        out=args.out, num_images=args.num_images, width=args.size[0], height=args.size[1], seed=args.seed,
-        classes=args.classes, min_objects=args.min_objects, max_objects=args.max_objects,
-        image_url_prefix=args.image_url_prefix, from_name=args.from_name, to_name=args.to_name,
+        out=args.out,
+        num_images=args.num_images,
+        width=args.size[0],
+        height=args.size[1],
+        seed=args.seed,
+        classes=args.classes,
+        min_objects=args.min_objects,
+        max_objects=args.max_objects,
+        image_url_prefix=args.image_url_prefix,
+        from_name=args.from_name,
+        to_name=args.to_name,
     )
     summary = write_dataset(cfg, progress=not args.no_progress)
     print(json.dumps(summary))

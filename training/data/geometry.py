@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
-
-_SUBPIXEL_BITS = 8
+from pycocotools import mask as mask_utils
 
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray:
@@ -28,13 +26,13 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
 def polygon_to_mask(points_px: np.ndarray, width: int, height: int) -> np.ndarray:
     """Fill a polygon given in continuous pixel coordinates (pixel i spans [i, i+1)).
 
-    cv2 puts integer coordinates on pixel centres, so points move by -0.5; sub-pixel
-    precision keeps small polygons from snapping by a whole pixel.
+    Uses COCO's rasteriser, so a polygon gives the same mask whether it arrives in a Label
+    Studio JSON export or in Label Studio's COCO export (read by `load_coco`). A pixel-aligned
+    rectangle with corners (10, 6) and (30, 24) covers columns 10..29 and rows 6..23.
     """
-    mask = np.zeros((height, width), dtype=np.uint8)
-    scaled = np.round((np.asarray(points_px, np.float64) - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
-    cv2.fillPoly(mask, [scaled.reshape(-1, 1, 2)], 1, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
-    return mask.astype(bool)
+    flat = np.asarray(points_px, dtype=np.float64).reshape(-1).tolist()
+    rle = mask_utils.frPyObjects([flat], height, width)
+    return mask_utils.decode(rle)[:, :, 0].astype(bool)
 
 
 def percent_points_to_px(points: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:

@@ -1,14 +1,16 @@
 """Read Label Studio JSON exports (the task list from "Export > JSON" or the export API).
 
-Each task becomes one `Sample` per chosen annotation. Brush, polygon and rectangle regions are
-understood; everything that cannot be used is counted in the `SkipReport` under one of:
+Each task becomes one `Sample` per chosen annotation; predictions are model output, not
+training targets, and are ignored. Brush, polygon and rectangle regions are understood;
+everything that cannot be used is counted in the `SkipReport` under one of:
 
   task level:        'no annotation', 'missing image', 'low agreement', 'no ground truth',
                      'malformed task'
   annotation level:  'cancelled', 'no instances' (chosen, but none of its regions is usable)
   region level:      'unknown label', 'no label', 'multiple labels', 'empty mask', 'empty box',
                      'corrupt mask' (RLE that does not decode or has the wrong length),
-                     'bad polygon' (fewer than 3 points), 'missing size', 'size mismatch',
+                     'bad polygon' (fewer than 3 points), 'bad box' (a rectangle without
+                     numeric x/y/width/height), 'missing size', 'size mismatch',
                      'unsupported region' (keypoints, choices, ...: not instances)
 """
 
@@ -225,18 +227,23 @@ def _parse_region(region: Any, labels: set[str] | None) -> tuple[Instance, tuple
     label = names[0]
     if labels is not None and label not in labels:
         raise _Skip("unknown label")
-    width, height = region.get("original_width"), region.get("original_height")
-    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+    width, height = _size(region.get("original_width")), _size(region.get("original_height"))
+    if width is None or height is None:
         raise _Skip("missing size")
 
     if rtype == "rectanglelabels":
         try:
             box = rectangle_to_box(
-                float(value["x"]), float(value["y"]), float(value["width"]), float(value["height"]),
-                float(value.get("rotation") or 0.0), width, height,
+                float(value["x"]),
+                float(value["y"]),
+                float(value["width"]),
+                float(value["height"]),
+                float(value.get("rotation") or 0.0),
+                width,
+                height,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise _Skip("empty box") from exc
+            raise _Skip("bad box") from exc
         if box_is_empty(box):
             raise _Skip("empty box")
         return Instance(label, None, box, REGION_TYPES[rtype]), (width, height)
@@ -245,6 +252,13 @@ def _parse_region(region: Any, labels: set[str] | None) -> tuple[Instance, tuple
     if not mask.any():
         raise _Skip("empty mask")
     return Instance(label, mask, mask_to_box(mask), REGION_TYPES[rtype]), (width, height)
+
+
+def _size(value: Any) -> int | None:
+    """A positive integral pixel size (JSON may carry 160 or 160.0), else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and float(value).is_integer():
+        return int(value)
+    return None
 
 
 def _brush_mask(value: dict, width: int, height: int) -> np.ndarray:

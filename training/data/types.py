@@ -59,10 +59,11 @@ class SkipReport:
             seen.append(task_id)
 
     def merge(self, other: SkipReport) -> None:
-        for reason, count in other.counts.items():
-            self.counts[reason] += count
-            for task_id in other.examples.get(reason, []):
-                self.add(reason, task_id, count=0)
+        self.counts.update(other.counts)
+        for reason, ids in other.examples.items():
+            seen = self.examples.setdefault(reason, [])
+            seen.extend(t for t in ids if t not in seen)
+            del seen[self.max_examples :]
 
     @property
     def total(self) -> int:
