@@ -319,8 +319,11 @@ class ImageLoader:
             return _to_rgb(img)
         except ImageError:
             raise
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"{source}: image has too many pixels: {exc}") from exc
+        except Image.DecompressionBombError as exc:  # PIL's own check, far above our limit
+            raise ImageError(
+                f"{source}: image has too many pixels, more than the limit of "
+                f"{self.config.max_pixels} (IMAGE_MAX_PIXELS): {exc}"
+            ) from exc
         except UnidentifiedImageError as exc:
             raise ImageError(f"{source}: not an image (or an unsupported format)") from exc
         except (OSError, ValueError, SyntaxError) as exc:
@@ -510,6 +513,8 @@ class ImageLoader:
             return f"{where}: Label Studio answered HTTP {status} ({hint})"
         if status == 404:
             return f"{where}: image not found (HTTP 404)"
+        if status == 403 and not label_studio:
+            return f"{where}: access denied (HTTP 403; a pre-signed URL may have expired)"
         return f"{where}: HTTP {status}"
 
     # -- authentication ------------------------------------------------

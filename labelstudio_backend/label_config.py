@@ -192,10 +192,16 @@ def _build_schema(xml: str) -> ProjectSchema:
 
 
 @functools.lru_cache(maxsize=64)
+def _parse_cached(xml: str) -> ProjectSchema:
+    return _build_schema(xml)
+
+
 def parse_label_config(xml: str) -> ProjectSchema:
     """Parse a label config into a :class:`ProjectSchema` (cached per XML string).
 
-    Raises :class:`LabelConfigError` when the config is unparseable or has no
-    image / usable output control / labels.
+    Raises :class:`LabelConfigError` when the config is not a string, is
+    unparseable, or has no image / usable output control / labels.
     """
-    return _build_schema(xml)
+    if not isinstance(xml, str):
+        raise LabelConfigError(f"label config must be an XML string, got {type(xml).__name__}")
+    return _parse_cached(xml)

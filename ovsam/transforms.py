@@ -23,7 +23,9 @@ class ImageFrame:
     def for_image(cls, height: int, width: int, input_size: int) -> "ImageFrame":
         # mmdet's keep-ratio Resize rounds like SAM's: int(side * scale + 0.5).
         resized = ResizeLongestSide.get_preprocess_shape(height, width, input_size)
-        return cls((int(height), int(width)), (int(resized[0]), int(resized[1])), int(input_size))
+        # A very thin image (e.g. 1x300) would round its short side to 0 pixels: keep at least one.
+        resized = (max(1, int(resized[0])), max(1, int(resized[1])))
+        return cls((int(height), int(width)), resized, int(input_size))
 
     @property
     def scale_xy(self) -> Tuple[float, float]:

@@ -166,11 +166,10 @@ def test_picks_the_image_that_has_an_output_control():
         ("", "empty"),
         ("<View><Image name='image' value='$image'>", "not valid XML"),
         ("not xml at all", "not valid XML"),
-        (_config("", image='<Text name="t" value="$text"/>') + "", "no <Image>"),
+        (_config("", image='<Text name="t" value="$text"/>'), "no <Image>"),
         (_config('<Choices name="c" toName="image"><Choice value="a"/></Choices>'), "no BrushLabels"),
-        (_config('<BrushLabels name="b" toName="other"><Label value="a"/></BrushLabels><Image name="other" value="$o"/>',
-                 image='<Image name="image" value="$image"/>').replace('<Image name="other" value="$o"/>', "")
-         + "", "no BrushLabels"),
+        (_config('<Text name="t" value="$t"/><BrushLabels name="b" toName="t"><Label value="a"/></BrushLabels>'),
+         "no BrushLabels"),
         (_config('<KeyPointLabels name="k" toName="image" smart="true"><Label value="a"/></KeyPointLabels>'), "no BrushLabels"),
         (_config('<BrushLabels name="b" toName="image"></BrushLabels>'), "no <Label>"),
         (_config('<BrushLabels name="b" toName="image"><Label value="a"/></BrushLabels>',
@@ -186,3 +185,5 @@ def test_errors(xml: str, message: str):
 def test_non_string_config_is_an_error():
     with pytest.raises(LabelConfigError):
         parse_label_config(None)  # type: ignore[arg-type]
+    with pytest.raises(LabelConfigError, match="XML string"):
+        parse_label_config({"xml": 1})  # type: ignore[arg-type]
