@@ -1,0 +1,50 @@
+"""``python -m labelstudio_backend [--host H] [--port 9090]``: start the ML backend with uvicorn.
+
+Everything else is configured through environment variables (see ``config.py``).
+One process serves all requests: the model lives once in (GPU) memory and
+model work is serialised per device inside it, so uvicorn runs one worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import Settings, SettingsError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m labelstudio_backend",
+        description="Open-Vocabulary SAM ML backend for Label Studio (configured by environment variables).",
+    )
+    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="bind address (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")), help="port (default 9090)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn  # deferred so that --help answers at once
+
+    from .metrics_log import configure_logging
+    from .server import create_app
+
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,  # our logging set-up (metrics_log.configure_logging) formats uvicorn's loggers too
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

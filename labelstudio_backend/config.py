@@ -1,0 +1,154 @@
+"""Backend settings, read once from the environment.
+
+Label Studio ML backends are configured through environment variables (a
+container or a compose file sets them), so every knob lives here with its
+default and is validated at start-up: a typo fails loudly instead of serving
+with a silent default.
+
+Environment variables (see also ``images.ImageLoaderConfig`` for image download
+limits: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``, ``IMAGE_TIMEOUT_S``,
+``IMAGE_CACHE_BYTES``, ``ALLOWED_IMAGE_HOSTS``, ``LOCAL_FILES_DOCUMENT_ROOT``):
+
+==========================  ==============================================================
+``LABEL_STUDIO_URL``        Label Studio's address (alias ``LABEL_STUDIO_HOST``), for
+                            ``/data/upload/...`` images and the training export.
+``LABEL_STUDIO_API_KEY``    legacy token or personal access token (alias
+                            ``LABEL_STUDIO_ACCESS_TOKEN``).
+``MODEL_DIR``               model registry: ``versions/*.safetensors`` + ``current``
+                            (default ``./models``).
+``OVSAM_CHECKPOINT``        base model: an artifact file or official weights (file or dir).
+                            Served unless ``MODEL_DIR/current`` names a promoted version.
+``DEVICE``                  ``cuda``, ``cuda:1``, ``cpu`` (default: ``cuda`` if available).
+``BASIC_AUTH_USER``/``_PASS``  HTTP basic auth on every endpoint (both or neither).
+``LOG_LEVEL``               ``DEBUG``/``INFO``/``WARNING``/... (default ``INFO``).
+``RECOGNISED_LABEL_WINS``   ``true`` (default): a click's region gets the recognised class
+                            even when the annotator picked another label on the smart
+                            tool; ``false``: the annotator's label wins.
+``PREANNOTATION_THRESHOLD`` minimum class confidence of an automatic-mode instance to
+                            become a pre-annotation region (default 0.5).
+``PREANNOTATION_MAX_REGIONS``  most regions per task in pre-annotation (default 100).
+``AUTO_POINTS_PER_SIDE``    point grid of automatic mode (default 16).
+``EMBEDDING_CACHE_MB``      image-embedding cache size (default 1024).
+``TOP_K``                   alternatives reported in a region's ``meta`` (default 5).
+``PREDICT_WORKERS``         threads for prediction requests (default 8); model work in
+                            them is still serialised per device.
+``MAX_REQUEST_MB``          largest request body accepted (default 64).
+==========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Settings", "SettingsError"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_LOG_LEVELS = {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}
+
+
+class SettingsError(ValueError):
+    """An environment variable has an unusable value (message names it)."""
+
+
+def _get(env: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = env.get(name)
+        if value is not None and value.strip():
+            return value.strip()
+    return None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, low: float, high: float | None = None) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is not a number") from exc
+    if value < low or (high is not None and value > high):
+        bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        raise SettingsError(f"{name}={raw!r} must be {bound}")
+    return value
+
+
+def _default_device() -> str:
+    import torch  # deferred: settings are read before anything heavy is needed
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads from the environment (see the module docstring)."""
+
+    model_dir: Path = Path("models")
+    checkpoint: str | None = None
+    device: str = "cpu"
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    log_level: str = "INFO"
+    recognised_label_wins: bool = True
+    preannotation_threshold: float = 0.5
+    preannotation_max_regions: int = 100
+    auto_points_per_side: int = 16
+    embedding_cache_mb: float = 1024.0
+    top_k: int = 5
+    predict_workers: int = 8
+    max_request_mb: float = 64.0
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        if self.basic_auth_user is None:
+            return None
+        return self.basic_auth_user, self.basic_auth_pass or ""
+
+    @property
+    def embedding_cache_bytes(self) -> int:
+        return int(self.embedding_cache_mb * 1024 * 1024)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1024 * 1024)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        user = _get(env, "BASIC_AUTH_USER")
+        password = _get(env, "BASIC_AUTH_PASS")
+        if (user is None) != (password is None):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        level = (_get(env, "LOG_LEVEL") or "INFO").upper()
+        if level not in _LOG_LEVELS:
+            raise SettingsError(f"LOG_LEVEL={level!r} is not one of {sorted(_LOG_LEVELS)}")
+        return cls(
+            model_dir=Path(_get(env, "MODEL_DIR") or "models"),
+            checkpoint=_get(env, "OVSAM_CHECKPOINT"),
+            device=_get(env, "DEVICE") or _default_device(),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            log_level=level,
+            recognised_label_wins=_bool(env, "RECOGNISED_LABEL_WINS", True),
+            preannotation_threshold=_number(env, "PREANNOTATION_THRESHOLD", 0.5, low=0.0, high=1.0),
+            preannotation_max_regions=int(_number(env, "PREANNOTATION_MAX_REGIONS", 100, low=1)),
+            auto_points_per_side=int(_number(env, "AUTO_POINTS_PER_SIDE", 16, low=1, high=128)),
+            embedding_cache_mb=_number(env, "EMBEDDING_CACHE_MB", 1024.0, low=0.0),
+            top_k=int(_number(env, "TOP_K", 5, low=1, high=100)),
+            predict_workers=int(_number(env, "PREDICT_WORKERS", 8, low=1, high=256)),
+            max_request_mb=_number(env, "MAX_REQUEST_MB", 64.0, low=0.001),
+        )

@@ -1,0 +1,217 @@
+"""`python -m ovsam download|predict`: fetch the official weights, or segment and name one object in an image."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+EXIT_ERROR = 2
+MASK_COLOUR = (255, 144, 30)  # RGB
+POSITIVE_COLOUR = (40, 220, 40)
+NEGATIVE_COLOUR = (230, 40, 40)
+BOX_COLOUR = (255, 210, 0)
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# ---- argument parsing -------------------------------------------------------------------------------
+def parse_point(text: str) -> Tuple[float, float, int]:
+    """`x,y` or `x,y,label` (label 1 = positive, 0 = negative) in original-image pixels."""
+    parts = text.split(",")
+    try:
+        if len(parts) == 2:
+            return float(parts[0]), float(parts[1]), 1
+        if len(parts) == 3:
+            return float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"a point is x,y or x,y,label (label 1 or 0), got {text!r}")
+
+
+def parse_box(text: str) -> Tuple[float, float, float, float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"a box is x1,y1,x2,y2, got {text!r}")
+    return values[0], values[1], values[2], values[3]
+
+
+def parse_labels(text: str) -> List[str]:
+    labels = [l.strip() for l in text.split(",") if l.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError("--labels needs at least one name")
+    return labels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .hub import ASSETS, DEFAULT_ASSETS
+
+    parser = argparse.ArgumentParser(prog="python -m ovsam", description="Open-Vocabulary SAM: click or box in, mask and class name out.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dl = sub.add_parser("download", help="download the official OVSAM weights and SAM ViT-H",
+                        description="Download the released OVSAM files (HF HarborYuan/ovsam_models) and SAM ViT-H into one directory.")
+    dl.add_argument("--dest", default=os.environ.get("OVSAM_OFFICIAL_DIR", "models/official"),
+                    help="target directory (default: $OVSAM_OFFICIAL_DIR or models/official)")
+    dl.add_argument("--which", nargs="+", choices=sorted(ASSETS), default=list(DEFAULT_ASSETS),
+                    help=f"files to fetch (default: {' '.join(DEFAULT_ASSETS)})")
+    dl.add_argument("--force", action="store_true", help="download again even if the file exists")
+
+    pr = sub.add_parser("predict", help="segment and recognise one object from points and/or a box",
+                        description="Run OVSAM on one image with point and/or box prompts; write an overlay PNG and JSON.")
+    pr.add_argument("--checkpoint", default=os.environ.get("OVSAM_CHECKPOINT"),
+                    help="model artifact file or directory of official files (default: $OVSAM_CHECKPOINT)")
+    pr.add_argument("--image", required=True, help="input image file")
+    pr.add_argument("--point", type=parse_point, action="append", default=[], metavar="X,Y[,LABEL]",
+                    help="a click in image pixels; LABEL 1 = positive (default), 0 = negative; repeatable")
+    pr.add_argument("--box", type=parse_box, metavar="X1,Y1,X2,Y2", help="a box prompt in image pixels")
+    pr.add_argument("--labels", type=parse_labels, metavar="A,B,...", help="vocabulary to choose from (default: the model's)")
+    pr.add_argument("--top-k", type=int, default=5, help="how many candidate labels to report (default 5)")
+    pr.add_argument("--out", help="write an overlay PNG here")
+    pr.add_argument("--json", dest="json_out", help="write the prediction as JSON here")
+    pr.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    return parser
+
+
+# ---- predict ----------------------------------------------------------------------------------------
+def read_image(path: str) -> np.ndarray:
+    import cv2
+
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise CLIError(f"cannot read image {path!r} (missing or not an image)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def choose_vocabulary(artifact, labels: Optional[Sequence[str]]):
+    """The artifact's vocabulary, a subset of it, or a new one embedded by its text tower (new labels are novel)."""
+    vocab = artifact.vocabulary
+    if not labels or list(labels) == list(vocab.labels):
+        return vocab
+    if len(set(labels)) != len(labels):
+        raise CLIError(f"duplicate names in --labels: {list(labels)}")
+    if all(l in vocab.labels for l in labels):
+        return vocab.subset(labels)
+    from .vocabulary import VocabularyBuilder
+
+    base = [l for l in labels if l in vocab.labels and bool(vocab.is_base[vocab.index(l)])]
+    return VocabularyBuilder(artifact.get_text_encoder()).build(list(labels), base_labels=base)
+
+
+def draw_overlay(image: np.ndarray, prediction, points: Sequence[Tuple[float, float, int]], box) -> np.ndarray:
+    """RGB image with the mask tinted and outlined, prompts drawn, and `label p` written by the object."""
+    import cv2
+
+    out = image.copy()
+    mask = prediction.mask.astype(bool)
+    tint = np.array(MASK_COLOUR, np.float32)
+    out[mask] = (0.5 * out[mask].astype(np.float32) + 0.5 * tint).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, MASK_COLOUR, 2)
+    if box is not None:
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        cv2.rectangle(out, (x1, y1), (x2, y2), BOX_COLOUR, 2)
+    radius = max(3, round(0.01 * max(image.shape[:2])))
+    for x, y, label in points:
+        centre = (int(round(x)), int(round(y)))
+        cv2.circle(out, centre, radius, POSITIVE_COLOUR if label == 1 else NEGATIVE_COLOUR, -1)
+        cv2.circle(out, centre, radius, (255, 255, 255), 1)
+    text = f"{prediction.label} {prediction.probability:.2f}"
+    anchor = prediction.box if prediction.box.any() else (box if box is not None else (0, 0, 0, 0))
+    font, scale, thick = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, max(image.shape[:2]) / 1000), 1
+    (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+    x = int(min(max(anchor[0], 0), max(image.shape[1] - tw, 0)))
+    y = int(max(anchor[1], th + base))
+    cv2.rectangle(out, (x, y - th - base), (x + tw, y), (0, 0, 0), -1)
+    cv2.putText(out, text, (x, y - base), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return out
+
+
+def prediction_record(prediction, artifact, image_shape, checkpoint: str) -> dict:
+    return {
+        "label": prediction.label,
+        "probability": prediction.probability,
+        "score": prediction.score,
+        "stability": prediction.stability,
+        "top_k": [{"label": s.label, "probability": s.probability} for s in prediction.top_k],
+        "box": [float(v) for v in prediction.box],
+        "mask_area": int(prediction.mask.sum()),
+        "image_size": [int(image_shape[0]), int(image_shape[1])],
+        "checkpoint": checkpoint,
+        "model_version": artifact.version,
+    }
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .predictor import OVSAMPredictor
+
+    if not args.checkpoint:
+        raise CLIError("no model: pass --checkpoint PATH or set OVSAM_CHECKPOINT")
+    if not args.point and args.box is None:
+        raise CLIError("give at least one --point or a --box")
+    if args.top_k < 1:
+        raise CLIError("--top-k must be at least 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda asked for, but no CUDA device is available")
+    image = read_image(args.image)
+    artifact = load_model(args.checkpoint, device=device)
+    vocabulary = choose_vocabulary(artifact, args.labels)
+    predictor = OVSAMPredictor(artifact.model, vocabulary, device=device)
+    predictor.set_image(image)
+    points = labels = None
+    if args.point:
+        points = np.array([[x, y] for x, y, _ in args.point], np.float32)
+        labels = np.array([l for _, _, l in args.point], np.int64)
+    prediction = predictor.predict(points, labels, None if args.box is None else np.array(args.box, np.float32), top_k=args.top_k)
+
+    record = prediction_record(prediction, artifact, image.shape, str(args.checkpoint))
+    print(f"label: {prediction.label}  probability: {prediction.probability:.3f}  score: {prediction.score:.3f}")
+    print("top-k: " + ", ".join(f"{s.label} {s.probability:.3f}" for s in prediction.top_k))
+    if args.out:
+        import cv2
+
+        overlay = draw_overlay(image, prediction, args.point, args.box)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(args.out, cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)):
+            raise CLIError(f"could not write {args.out!r} (use a .png name in an existing folder)")
+        print(f"overlay: {args.out}")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(record, indent=2))
+        print(f"json: {args.json_out}")
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from .hub import download_official
+
+    for key, path in download_official(args.dest, which=args.which, force=args.force).items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; user errors print one `error:` line and return 2."""
+    from .checkpoint import CheckpointError
+    from .hub import DownloadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run_download(args) if args.command == "download" else run_predict(args)
+    except (CLIError, CheckpointError, DownloadError, OSError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ERROR

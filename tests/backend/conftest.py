@@ -1,0 +1,242 @@
+"""Shared fixtures for the backend tests: a tiny model artifact, a fake Label Studio, app clients.
+
+The fake Label Studio serves task images under ``/data/upload/...`` and the
+export API, and answers 401 unless the request carries ``Token <API key>``,
+like a real one with legacy tokens enabled.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures" / "label_studio"
+API_KEY = "test-legacy-token"
+# The image URLs of the recorded payloads, served by the fake Label Studio.
+DISK_URL = "/data/upload/1/0f341070-e2e_disk.png"
+RECT_URL = "/data/upload/1/418fec2e-e2e_rect.png"
+
+
+def fixture_body(name: str) -> dict[str, Any]:
+    """The request body of a recorded Label Studio call (a fresh copy)."""
+    return copy.deepcopy(json.loads((FIXTURES / f"{name}.json").read_text())["body"])
+
+
+def png_bytes(width: int = 160, height: int = 120, shape: str = "disk", seed: int = 0) -> bytes:
+    """A synthetic RGB PNG: a bright disk or rectangle on a noisy dark background."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, size=(height, width, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    if shape == "disk":
+        inside = (yy - height / 2) ** 2 + (xx - width / 2) ** 2 < (min(width, height) / 3) ** 2
+    else:
+        inside = (abs(yy - height / 2) < height / 4) & (abs(xx - width / 2) < width / 4)
+    img[inside] = (220, 180, 40)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeLabelStudio:
+    """A threaded HTTP server standing in for Label Studio's file and export endpoints."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {
+            DISK_URL: (png_bytes(shape="disk"), "image/png"),
+            RECT_URL: (png_bytes(shape="rect", seed=1), "image/png"),
+        }
+        self.export_tasks: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str | None]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                auth = self.headers.get("Authorization")
+                fake.requests.append((self.path, auth))
+                if auth != f"Token {API_KEY}":
+                    return self._send(401, b'{"detail": "Authentication credentials were not provided."}', "application/json")
+                path = self.path.split("?", 1)[0]
+                if path.startswith("/api/projects/") and path.endswith("/export"):
+                    return self._send(200, json.dumps(fake.export_tasks).encode(), "application/json")
+                if path in fake.files:
+                    body, content_type = fake.files[path]
+                    return self._send(200, body, content_type)
+                return self._send(404, b"not found", "text/plain")
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def image_requests(self) -> list[str]:
+        return [path for path, _ in self.requests if path.startswith("/data/")]
+
+    def __enter__(self) -> "FakeLabelStudio":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def vocab_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep text-embedding caches out of the home directory."""
+    path = tmp_path_factory.mktemp("ovsam-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OVSAM_CACHE_DIR", str(path))
+        yield path
+
+
+def save_tiny_artifact(path: Path, version: str, seed: int = 0, labels: tuple[str, ...] = ("cat", "dog", "car")) -> Path:
+    """A tiny OVSAM artifact with random (seeded) weights and its own text tower."""
+    import torch
+
+    from ovsam.artifact import save_artifact
+    from ovsam.config import get_config
+    from ovsam.model import OVSAM
+    from ovsam.text import TextEncoder
+    from ovsam.vocabulary import VocabularyBuilder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = OVSAM(get_config("tiny")).eval()
+        text = TextEncoder.from_config(get_config("tiny")).eval()
+    vocabulary = VocabularyBuilder(text, cache_dir=path.parent / ".vocab").build(list(labels))
+    return save_artifact(path, model, vocabulary, version, text_encoder=text)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, vocab_cache_dir: Path) -> Path:
+    return save_tiny_artifact(tmp_path_factory.mktemp("artifacts") / "tiny-1.safetensors", "tiny-1")
+
+
+@pytest.fixture
+def fake_ls() -> Iterator[FakeLabelStudio]:
+    with FakeLabelStudio() as ls:
+        yield ls
+
+
+@pytest.fixture
+def backend_env(tiny_artifact: Path, fake_ls: FakeLabelStudio, tmp_path: Path) -> dict[str, str]:
+    """Environment of a backend that serves ``tiny-1`` and reads images from the fake Label Studio."""
+    return {
+        "LABEL_STUDIO_URL": fake_ls.url,
+        "LABEL_STUDIO_API_KEY": API_KEY,
+        "MODEL_DIR": str(tmp_path / "models"),
+        "OVSAM_CHECKPOINT": str(tiny_artifact),
+        "DEVICE": "cpu",
+        "LOG_LEVEL": "INFO",
+        "PREANNOTATION_THRESHOLD": "0",
+        "AUTO_POINTS_PER_SIDE": "4",
+        "EMBEDDING_CACHE_MB": "64",
+    }
+
+
+def build_app(env: dict[str, str]) -> Any:
+    from labelstudio_backend.config import Settings
+    from labelstudio_backend.images import ImageLoaderConfig
+    from labelstudio_backend.server import create_app
+
+    return create_app(Settings.from_env(env), image_config=ImageLoaderConfig.from_env(env))
+
+
+@pytest.fixture
+def make_client(backend_env: dict[str, str]) -> Iterator[Callable[..., Any]]:
+    """``make_client(**env_overrides)`` -> a started TestClient (closed after the test)."""
+    from fastapi.testclient import TestClient
+
+    clients: list[Any] = []
+
+    def make(**overrides: str) -> Any:
+        client = TestClient(build_app({**backend_env, **overrides}), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., Any]) -> Any:
+    return make_client()
+
+
+@contextmanager
+def live_server(app: Any) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server on 127.0.0.1 in a thread; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; returns its value (fails the test on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def helpers() -> Any:
+    """The helper functions above, for test modules (conftest cannot be imported under importlib mode)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        fixture_body=fixture_body,
+        png_bytes=png_bytes,
+        save_tiny_artifact=save_tiny_artifact,
+        build_app=build_app,
+        live_server=live_server,
+        wait_for=wait_for,
+        API_KEY=API_KEY,
+        DISK_URL=DISK_URL,
+        RECT_URL=RECT_URL,
+    )

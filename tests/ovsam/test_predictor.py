@@ -1,0 +1,243 @@
+"""Predictor semantics: original-pixel prompts, validation, negative points, refinement, batching, top-k."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ovsam
+from ovsam.model import OVSAM
+from ovsam.predictor import OVSAMPredictor, Prompt
+from ovsam.vocabulary import Vocabulary
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread is far faster (and steadier) than OpenMP contention on a busy box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+LABELS = ["cat", "dog", "car", "tree", "person", "cup"]
+H0, W0 = 37, 91  # resized to 52x128: x and y scales differ (128/91 vs 52/37)
+
+
+def _vocab(dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(len(LABELS), 2, dim, generator=g), dim=-1)
+    return Vocabulary(list(LABELS), [[l] for l in LABELS], emb, torch.tensor([True, True, True, False, False, True]))
+
+
+def _image(h=H0, w=W0, seed=0):
+    rs = np.random.RandomState(seed)
+    img = rs.randint(0, 256, (h, w, 3), dtype=np.uint8)
+    img[h // 4 : h // 2, w // 5 : w // 2] = (250, 30, 30)  # some structure
+    return img
+
+
+@pytest.fixture
+def predictor():
+    torch.manual_seed(0)
+    cfg = ovsam.get_config("tiny")
+    model = OVSAM(cfg).eval()
+    return OVSAMPredictor(model, _vocab(cfg.clip_embed_dim), device="cpu")
+
+
+@pytest.fixture
+def loaded(predictor):
+    predictor.set_image(_image())
+    return predictor
+
+
+class _Spy:
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+def test_points_to_input_scales_each_axis():
+    from ovsam.transforms import ImageFrame
+
+    frame = ImageFrame.for_image(H0, W0, 128)
+    rh, rw = frame.resized_size
+    assert (rh, rw) == (52, 128) and rw / W0 != rh / H0
+    pts = frame.points_to_input(np.array([[[10.0, 20.0], [90.0, 36.0]]]))
+    expected = torch.tensor([[[10.0 * rw / W0, 20.0 * rh / H0], [90.0 * rw / W0, 36.0 * rh / H0]]])
+    torch.testing.assert_close(pts, expected)
+
+
+def test_predictor_passes_scaled_coordinates_to_encode_prompts(loaded, monkeypatch):
+    spy = _Spy(loaded.model.encode_prompts)
+    monkeypatch.setattr(loaded.model, "encode_prompts", spy)
+    frame = loaded._current.frame
+    rh, rw = frame.resized_size
+    loaded.predict(points=np.array([[10.0, 20.0], [50.0, 5.0]]), point_labels=np.array([1, 0]), box=np.array([2.0, 3.0, 80.0, 30.0]))
+    assert len(spy.calls) == 1
+    points, labels, boxes, masks = spy.calls[0][0]
+    torch.testing.assert_close(points, torch.tensor([[[10.0 * rw / W0, 20.0 * rh / H0], [50.0 * rw / W0, 5.0 * rh / H0]]]))
+    assert labels.tolist() == [[1, 0]]
+    torch.testing.assert_close(boxes, torch.tensor([[2.0 * rw / W0, 3.0 * rh / H0, 80.0 * rw / W0, 30.0 * rh / H0]]))
+    assert masks is None
+
+
+def test_prediction_fields(loaded):
+    pred = loaded.predict(points=np.array([[30.0, 15.0]]), top_k=3)
+    assert pred.mask.shape == (H0, W0) and pred.mask.dtype == bool
+    assert tuple(pred.low_res_logits.shape) == (1, 32, 32)
+    assert pred.label == LABELS[pred.label_index]
+    assert pred.label == pred.top_k[0].label and pred.probability == pred.top_k[0].probability
+    assert 0.0 <= pred.stability <= 1.0
+    assert pred.score == pytest.approx(pred.stability * pred.probability)
+    if pred.mask.any():
+        ys, xs = np.nonzero(pred.mask)
+        assert pred.box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    else:
+        assert pred.box.tolist() == [0, 0, 0, 0]
+
+
+def test_mask_matches_low_res_logits_upscaled(loaded):
+    from ovsam.transforms import upscale_mask_logits
+
+    pred = loaded.predict(box=np.array([5.0, 5.0, 60.0, 30.0]))
+    expected = (upscale_mask_logits(pred.low_res_logits[None], loaded._current.frame)[0] > 0).numpy()
+    assert np.array_equal(pred.mask, expected)
+
+
+@pytest.mark.parametrize("size", [(1, 300), (300, 1), (1, 1), (5, 2)])
+def test_thin_images_give_original_size_masks(predictor, size):
+    h, w = size
+    predictor.set_image(np.full((h, w, 3), 127, np.uint8))
+    pred = predictor.predict(points=np.array([[w / 2, h / 2]]))
+    assert pred.mask.shape == (h, w)
+    pred = predictor.predict(box=np.array([0.0, 0.0, float(w), float(h)]))
+    assert pred.mask.shape == (h, w)
+
+
+def test_top_k_sorted_and_probabilities(loaded):
+    pred = loaded.predict(points=np.array([[30.0, 15.0]]), top_k=3)
+    probs = [s.probability for s in pred.top_k]
+    assert len(probs) == 3
+    assert probs == sorted(probs, reverse=True)
+    assert sum(probs) <= 1.0 + 1e-6
+    full = loaded.predict(points=np.array([[30.0, 15.0]]), top_k=len(LABELS))
+    assert sorted(s.label for s in full.top_k) == sorted(LABELS)
+    assert sum(s.probability for s in full.top_k) == pytest.approx(1.0, abs=1e-5)
+    assert [s.label for s in full.top_k[:3]] == [s.label for s in pred.top_k]
+    big = loaded.predict(points=np.array([[30.0, 15.0]]), top_k=100)
+    assert len(big.top_k) == len(LABELS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(points=np.array([[100.0, 5.0]])), "outside"),
+        (dict(points=np.array([[-1.0, 5.0]])), "outside"),
+        (dict(points=np.array([[5.0, 38.0]])), "outside"),
+        (dict(), "empty prompt"),
+        (dict(points=np.zeros((0, 2))), "empty prompt"),
+        (dict(points=np.array([[5.0, 5.0], [6.0, 6.0]]), point_labels=np.array([1])), "point labels"),
+        (dict(points=np.array([[5.0, 5.0]]), point_labels=np.array([2])), "positive"),
+        (dict(points=np.array([[5.0, 5.0]]), point_labels=np.array([0])), "positive"),
+        (dict(points=np.array([[np.nan, 5.0]])), "finite"),
+        (dict(box=np.array([10.0, 10.0, 10.0, 20.0])), "no area"),
+        (dict(box=np.array([10.0, 10.0, 20.0, 5.0])), "no area"),
+        (dict(box=np.array([1.0, 2.0, 3.0])), "four"),
+        (dict(box=np.array([200.0, 0.0, 300.0, 20.0])), "outside"),
+    ],
+)
+def test_invalid_prompts_are_clear_value_errors(loaded, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        loaded.predict(**kwargs)
+
+
+def test_predict_before_set_image_is_value_error(predictor):
+    with pytest.raises(ValueError, match="set_image"):
+        predictor.predict(points=np.array([[1.0, 1.0]]))
+
+
+def test_negative_points_change_the_mask(loaded):
+    pos = loaded.predict(points=np.array([[30.0, 15.0]]))
+    pos_neg = loaded.predict(points=np.array([[30.0, 15.0], [60.0, 25.0]]), point_labels=np.array([1, 0]))
+    pos_pos = loaded.predict(points=np.array([[30.0, 15.0], [60.0, 25.0]]), point_labels=np.array([1, 1]))
+    assert not torch.allclose(pos.low_res_logits, pos_neg.low_res_logits)
+    # Same structure, only the label differs: the label is really used.
+    assert not torch.allclose(pos_pos.low_res_logits, pos_neg.low_res_logits)
+
+
+def test_refinement_uses_sam_mask_prompt(loaded):
+    hook_calls = []
+    handle = loaded.model.prompt_encoder.mask_downscaling.register_forward_hook(
+        lambda mod, inp, out: hook_calls.append(tuple(inp[0].shape))
+    )
+    try:
+        first = loaded.predict(points=np.array([[30.0, 15.0]]))
+        assert hook_calls == []
+        refined = loaded.predict(points=np.array([[30.0, 15.0]]), mask_input=first.low_res_logits)
+        assert hook_calls == [(1, 1, 32, 32)]
+    finally:
+        handle.remove()
+    assert not torch.allclose(first.low_res_logits, refined.low_res_logits)
+    # Feeding a different previous mask gives a different result: the mask content matters.
+    other = loaded.predict(points=np.array([[30.0, 15.0]]), mask_input=-first.low_res_logits)
+    assert not torch.allclose(other.low_res_logits, refined.low_res_logits)
+
+
+def test_predict_batch_mixed_structures_in_input_order(loaded):
+    prev = loaded.predict(points=np.array([[20.0, 10.0]]))
+    prompts = [
+        Prompt(points=np.array([[10.0, 20.0]])),
+        Prompt(box=np.array([5.0, 5.0, 60.0, 30.0])),
+        Prompt(points=np.array([[10.0, 20.0], [50.0, 10.0]]), point_labels=np.array([1, 0])),
+        Prompt(points=np.array([[40.0, 15.0]]), box=np.array([30.0, 5.0, 80.0, 30.0])),
+        Prompt(points=np.array([[70.0, 30.0]])),
+        Prompt(box=np.array([0.0, 0.0, 91.0, 37.0])),
+        Prompt(points=np.array([[20.0, 10.0]]), mask_input=prev.low_res_logits),
+        Prompt(points=np.array([[85.0, 2.0], [3.0, 33.0]]), point_labels=np.array([1, 1])),
+    ]
+    batch = loaded.predict_batch(prompts, top_k=4)
+    assert len(batch) == len(prompts)
+    for prompt, got in zip(prompts, batch):
+        one = loaded.predict(prompt.points, prompt.point_labels, prompt.box, prompt.mask_input, top_k=4)
+        torch.testing.assert_close(got.low_res_logits, one.low_res_logits, rtol=1e-4, atol=1e-4)
+        assert got.label == one.label
+        assert [s.label for s in got.top_k] == [s.label for s in one.top_k]
+        np.testing.assert_allclose([s.probability for s in got.top_k], [s.probability for s in one.top_k], atol=1e-4)
+    # Distinct prompts gave distinct results, so the order check above is meaningful.
+    assert not torch.allclose(batch[0].low_res_logits, batch[4].low_res_logits)
+    assert not torch.allclose(batch[1].low_res_logits, batch[5].low_res_logits)
+
+
+def test_predict_batch_respects_max_batch(loaded, monkeypatch):
+    loaded.max_batch = 2
+    spy = _Spy(loaded.model.decode)
+    monkeypatch.setattr(loaded.model, "decode", spy)
+    prompts = [Prompt(points=np.array([[5.0 + 10 * i, 10.0]])) for i in range(5)]
+    batch = loaded.predict_batch(prompts)
+    assert [c[0][1].shape[0] for c in spy.calls] == [2, 2, 1]
+    assert len(batch) == 5
+
+
+def test_explicit_features_override_current_image(predictor):
+    f1 = predictor.set_image(_image(seed=1))
+    a = predictor.predict(points=np.array([[30.0, 15.0]]))
+    predictor.set_image(_image(seed=2))
+    b = predictor.predict(points=np.array([[30.0, 15.0]]))
+    c = predictor.predict(points=np.array([[30.0, 15.0]]), features=f1)
+    assert not torch.allclose(a.low_res_logits, b.low_res_logits)
+    torch.testing.assert_close(a.low_res_logits, c.low_res_logits)
+
+
+def test_set_vocabulary_changes_labels(loaded):
+    before = loaded.predict(points=np.array([[30.0, 15.0]]), top_k=6)
+    emb = F.normalize(torch.randn(2, 1, loaded.model.cfg.clip_embed_dim), dim=-1)
+    loaded.set_vocabulary(Vocabulary(["apple", "pear"], [["apple"], ["pear"]], emb))
+    after = loaded.predict(points=np.array([[30.0, 15.0]]), top_k=6)
+    assert after.label in ("apple", "pear") and len(after.top_k) == 2
+    assert len(before.top_k) == 6

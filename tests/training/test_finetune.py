@@ -1,0 +1,234 @@
+"""Fine-tuning: losses, examples, schedule, learning on synthetic data, and exact resume."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_finetune_support import LABELS, make_synth, make_tiny_artifact  # noqa: E402
+
+from training import losses as L  # noqa: E402
+from training.finetune import FinetuneConfig, finetune, main_finetune, make_version  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    return {"artifact": make_tiny_artifact(root / "tiny.safetensors"), "data": make_synth(root / "synth", num_images=4),
+            "root": root}
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def test_sample_binary_masks_equals_grid_sample_on_padded_masks():
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(3, 20, 24, generator=g) > 0.5).to(torch.uint8)
+    index = torch.tensor([0, 2, 1, 2, 0])
+    coords = torch.rand(5, 64, 2, generator=g)
+    padded = F.pad(masks.float(), (0, 32 - 24, 0, 32 - 20))
+    expected = L.point_sample(padded[index].unsqueeze(1), coords)[:, 0]
+    assert torch.allclose(L.sample_binary_masks(masks, index, coords, 32), expected, atol=1e-6)
+
+
+def test_uncertain_points_pick_the_boundary_and_are_seeded_per_image():
+    logits = torch.full((2, 1, 16, 16), -10.0)
+    logits[:, :, :, 8:] = 10.0  # boundary at x = 0.5
+    a = L.uncertain_point_coords(logits, [1, 1], [7, 8], num_points=400)
+    b = L.uncertain_point_coords(logits[1:], [1], [8], num_points=400)
+    assert a.shape == (2, 400, 2)
+    assert torch.equal(a[1], b[0])  # a prompt's points do not depend on its batch
+    chosen = a[:, :150]  # the 75% most uncertain: at the boundary or at the border (zero padding)
+    near = ((chosen[..., 0] - 0.5).abs() < 1 / 16) | (chosen < 1 / 32).any(-1) | (chosen > 1 - 1 / 32).any(-1)
+    assert near.float().mean() > 0.9
+
+
+def test_losses_reduce_like_the_reference():
+    logits = torch.tensor([[100.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    ce = L.classification_loss(logits, torch.tensor([0, 1]), 0.1, normaliser=2.0)
+    assert ce.item() == pytest.approx((0.0 + np.log(3)) / 2, abs=1e-4)
+    pred = torch.tensor([[10.0, -10.0], [0.0, 0.0]])
+    target = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    out = L.mask_losses(pred, target, normaliser=2.0)
+    dice_2 = 1 - (2 * 1.0 + 1) / (1.0 + 2.0 + 1)  # p = 0.5 on both points of mask 2
+    assert out["dice"].item() == pytest.approx((0.0 + dice_2) / 2, abs=1e-3)
+    assert L.default_num_points(1024) == 12544 and L.default_num_points(128) == 196
+
+
+def test_schedule_and_weight_decay_groups(world):
+    from ovsam.artifact import load_artifact
+    from training.optim import param_groups, warmup_multistep
+
+    f = warmup_multistep(120, 10, (8 / 12, 11 / 12), 0.1)
+    assert f(0) == pytest.approx(0.001) and f(10) == 1.0 and f(79) == 1.0
+    assert f(80) == pytest.approx(0.1) and f(110) == pytest.approx(0.01)
+    model = load_artifact(world["artifact"]).model
+    decay, plain = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert "head.label_token.weight" in plain_names and "head.mask_decoder.mask_tokens.weight" in plain_names
+    assert all(n.endswith("bias") or "norm" in n or "token" in n or "output_upscaling.1" in n for n in plain_names)
+    trained = {names[id(p)] for g in (decay, plain) for p in g["params"]}
+    assert trained and all(n.startswith("head.") and not n.startswith("head.label_mlp") for n in trained)
+
+
+def test_examples_have_sampled_prompts_and_box_only_instances(world):
+    from ovsam import get_config
+    from training.data.types import Instance, Sample
+    from training.dataset import CLIP2SAMDataset, ExampleConfig, collate_examples, load_training_data, make_image_source
+
+    data = load_training_data(world["data"]["tasks"])
+    s = data.samples[0]
+    box_only = Instance(s.instances[0].label, None, np.array([2, 2, 40, 30], np.float32), "rectangle")
+    s2 = Sample(s.task_id, s.image_ref, [*s.instances, box_only], s.width, s.height)
+    ds = CLIP2SAMDataset([s2], {l: i for i, l in enumerate(LABELS)}, make_image_source(data.image_root),
+                         ExampleConfig(128, augment=True, seed=3), get_config("tiny"))
+    a, b = ds[0], ds[0]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["points"], b["points"])  # seeded by (seed, epoch, index)
+    ds.set_epoch(1)
+    assert not torch.equal(a["points"], ds[0]["points"])
+    batch = collate_examples([a, a])
+    assert batch["images"].shape == (2, 3, 128, 128) and batch["labels"].shape == (80,)
+    per_image = batch["is_box"].view(2, 40)
+    assert (per_image.sum(1) >= 21).all()  # 21 box prompts (more if box-only instances need them) ...
+    assert all(torch.equal(row, row.sort(descending=True).values) for row in per_image)  # ... boxes first
+    box_only_rows = ~batch["has_mask"]
+    if box_only_rows.any():  # the box-only instance survived the crop: always a box prompt
+        assert batch["is_box"][box_only_rows].all()
+
+
+def test_version_string():
+    from datetime import datetime, timezone
+
+    when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    assert make_version("ovsam_tiny", when) == "ovsam_tiny-ft-20250102T030405Z"
+    assert make_version("ovsam_tiny-ft-20240101T000000Z", when) == "ovsam_tiny-ft-20250102T030405Z"
+    assert make_version("ovsam_tiny-ft-20240101T000000Z-2", when) == "ovsam_tiny-ft-20250102T030405Z"
+
+
+# ----------------------------------------------------------------------------------------- learning
+
+
+def test_finetune_learns_on_synthetic_images(world, tmp_path):
+    """A random tiny model fine-tuned on two synthetic images: loss falls, IoU and accuracy rise."""
+    from ovsam.artifact import load_artifact
+    from training.dataset import load_training_data
+
+    data = load_training_data(world["data"]["tasks"], world["data"]["config"].read_text())
+    data.samples = data.samples[:2]
+    cfg = FinetuneConfig(base=str(world["artifact"]), out=str(tmp_path / "run"), epochs=1000, max_steps=100,
+                         lr=2e-3, max_norm=None, warmup_steps=5, milestones=(), augment=False, cache_features=True,
+                         val_fraction=0.0, eval_before=True, progress=False, tensorboard=False,
+                         cache_dir=str(world["root"] / "vocab-cache"))
+    result = finetune(cfg, data=data)
+    before, after = result.metrics["before"], result.metrics["val"]
+    losses = [h["loss"] for h in result.history]
+    print("loss", losses[0], "->", np.mean(losses[-5:]),
+          {m: (before[m]["miou"], after[m]["miou"], before[m]["accuracy"], after[m]["accuracy"]) for m in ("box", "center")})
+    assert np.mean(losses[-5:]) < 0.3 * losses[0]
+    assert after["box"]["miou"] > before["box"]["miou"] + 0.1
+    assert after["center"]["miou"] > before["center"]["miou"] + 0.05
+    assert after["box"]["accuracy"] > before["box"]["accuracy"] + 0.2
+    assert result.metrics["eval_split"] == "train"
+
+    art = load_artifact(result.artifact)
+    assert art.version == result.version and re.fullmatch(r"ovsam_tiny-test-ft-\d{8}T\d{6}Z", art.version)
+    prov = art.provenance
+    assert prov["base_version"] == "ovsam_tiny-test" and prov["data_hash"].startswith("sha256:")
+    assert prov["seed"] == 0 and prov["steps"] == 100 and "command" in prov and "git_commit" in prov
+    assert art.metrics["val"]["box"]["miou"] == pytest.approx(after["box"]["miou"])
+    assert art.vocabulary.labels == list(LABELS)
+    base = load_artifact(world["artifact"])
+    key = "neck.blocks.0.attn.qkv.weight"
+    assert torch.equal(art.model.state_dict()[key], base.model.state_dict()[key])  # frozen parts untouched
+    assert not torch.equal(art.model.head.roi_conv.weight, base.model.head.roi_conv.weight)
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+class Crash(Exception):
+    pass
+
+
+def _cfg(world, out: Path, **kw) -> FinetuneConfig:
+    settings = dict(epochs=2, batch_size=1, lr=1e-3, max_norm=1.0, val_fraction=0.0, eval_prompts=(), progress=False,
+                    tensorboard=False, cache_dir=str(world["root"] / "vocab-cache"))
+    return FinetuneConfig(base=str(world["artifact"]), out=str(out), data=str(world["data"]["tasks"]),
+                          label_config=str(world["data"]["config"]), **{**settings, **kw})
+
+
+def _head(path: Path) -> dict:
+    from ovsam.artifact import load_artifact
+
+    return load_artifact(path).model.head.state_dict()
+
+
+def test_resume_after_a_crash_reaches_the_same_weights(world, tmp_path):
+    # Uninterrupted, through the CLI (LSJ on, 4 images, batch 1: 4 steps per epoch, 8 steps).
+    argv = ["--base", str(world["artifact"]), "--data", str(world["data"]["tasks"]), "--label-config",
+            str(world["data"]["config"]), "--out", str(tmp_path / "full"), "--epochs", "2", "--batch-size", "1",
+            "--lr", "1e-3", "--max-norm", "1.0", "--val-fraction", "0", "--eval-prompts", "", "--no-progress",
+            "--cache-dir", str(world["root"] / "vocab-cache")]
+    assert main_finetune(argv) == 0
+    full = _head(tmp_path / "full" / "model.safetensors")
+    log = (tmp_path / "full" / "logs" / "train.csv").read_text().splitlines()
+    assert log[0].startswith("step,epoch,lr") and len(log) == 9
+    assert any((tmp_path / "full" / "tb").iterdir())
+
+    def crash_at(event_name: str, when: int):
+        def cb(event):
+            if event["event"] == event_name and event.get("epoch" if event_name == "epoch_end" else "step") == when:
+                raise Crash()
+        return cb
+
+    # Killed right after the end of epoch 1.
+    with pytest.raises(Crash):
+        finetune(_cfg(world, tmp_path / "a"), on_progress=crash_at("epoch_end", 1))
+    finetune(_cfg(world, tmp_path / "a", resume=True))
+    resumed = _head(tmp_path / "a" / "model.safetensors")
+    # Killed mid-epoch 2 (step 6), with a checkpoint every step: resumes from step 5.
+    with pytest.raises(Crash):
+        finetune(_cfg(world, tmp_path / "b", checkpoint_interval=1), on_progress=crash_at("step", 6))
+    finetune(_cfg(world, tmp_path / "b", checkpoint_interval=1, resume=True))
+    resumed_mid = _head(tmp_path / "b" / "model.safetensors")
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+        assert torch.equal(full[k], resumed_mid[k]), k
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "b" / "logs" / "train.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 9))
+
+
+def test_cached_features_need_no_augmentation(world, tmp_path):
+    with pytest.raises(ValueError, match="no-augment"):
+        _cfg(world, tmp_path, cache_features=True)
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(world, tmp_path):
+    from training.distributed import read_csv_log
+
+    finetune(_cfg(world, tmp_path / "acc", batch_size=1, grad_accum=2, max_steps=3))
+    finetune(_cfg(world, tmp_path / "big", batch_size=2, grad_accum=1, max_steps=3))
+    acc = read_csv_log(tmp_path / "acc" / "logs" / "train.csv")
+    big = read_csv_log(tmp_path / "big" / "logs" / "train.csv")
+    assert len(acc) == len(big) == 3
+    np.testing.assert_allclose([r["loss"] for r in acc], [r["loss"] for r in big], rtol=1e-4)
+    a, b = _head(tmp_path / "acc" / "model.safetensors"), _head(tmp_path / "big" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cached_features_train_exactly_like_recomputed_ones(world, tmp_path):
+    from training.distributed import read_csv_log
+
+    finetune(_cfg(world, tmp_path / "cached", augment=False, cache_features=True, max_steps=5))
+    finetune(_cfg(world, tmp_path / "plain", augment=False, max_steps=5))
+    cached = read_csv_log(tmp_path / "cached" / "logs" / "train.csv")
+    plain = read_csv_log(tmp_path / "plain" / "logs" / "train.csv")
+    np.testing.assert_allclose([r["loss"] for r in cached], [r["loss"] for r in plain], rtol=1e-5)

@@ -1,0 +1,49 @@
+"""Shared fixtures of the training tests: a tiny model artifact and a small synthetic Label Studio export.
+
+Imported by the other test modules (`sys.path` gets this folder); it holds no tests itself.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+LABELS = ("circle", "square", "triangle", "star", "ring", "cross")
+
+# Two cores shared with other processes: one thread per process avoids OpenMP contention (100x slower convs).
+torch.set_num_threads(1)
+
+
+def make_tiny_artifact(path: Path, labels: Sequence[str] = LABELS, seed: int = 0, version: str = "ovsam_tiny-test") -> Path:
+    """A random `tiny` OVSAM with its own (random) text tower, saved as an artifact."""
+    from ovsam import OVSAM, get_config
+    from ovsam.artifact import save_artifact
+    from ovsam.text import TextEncoder
+    from ovsam.vocabulary import VocabularyBuilder
+
+    torch.manual_seed(seed)
+    cfg = get_config("tiny")
+    model = OVSAM(cfg)
+    text = TextEncoder.from_config(cfg)
+    vocab = VocabularyBuilder(text, path.parent / "vocab-cache").build(list(labels))
+    return save_artifact(path, model, vocab, version, {"source": "test"}, {}, text_encoder=text)
+
+
+def make_synth(out: Path, num_images: int = 4, size: int = 128, seed: int = 0, **kwargs) -> Dict[str, Path]:
+    """A synthetic data set (Label Studio export + COCO + label config) written by `training.synth`."""
+    from training.synth import SynthConfig, write_dataset
+
+    write_dataset(SynthConfig(out=out, num_images=num_images, width=size, height=size, seed=seed, **kwargs), progress=False)
+    return {"tasks": out / "tasks.json", "coco": out / "coco.json", "config": out / "label_config.xml", "root": out}
+
+
+def subprocess_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("WORLD_SIZE", None)
+    return env
+

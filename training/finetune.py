@@ -1,0 +1,629 @@
+"""`python -m training finetune`: CLIP2SAM fine-tuning of the head (spec §2.2) from a base model.
+
+Frozen: CLIP trunk, SAM2CLIP neck, prompt encoder (and the dead `label_mlp`). Trained: the mask
+decoder, label token, FPN and roi_conv. The same command runs on 1 CPU, 1 GPU, or under `torchrun`
+on many GPUs/nodes; a run killed at any point resumes from its last checkpoint with `--resume` and
+reaches the same weights as an uninterrupted run. The result is a model artifact the backend serves
+as is (weights, configuration, vocabulary, provenance, validation metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ovsam.artifact import ModelArtifact, save_artifact
+from ovsam.model import OVSAM
+from ovsam.roi import boxes_to_rois
+from ovsam.vocabulary import Vocabulary
+from training import losses as L
+from training.dataset import (CLIP2SAMDataset, ExampleConfig, FeatureStore, TrainingData, collate_examples,
+                              load_training_data, make_image_source, read_label_config)
+from training.distributed import (DistInfo, RunLogger, ShardedSampler, all_reduce_sum, barrier, cleanup_distributed,
+                                  init_distributed, wrap_ddp)
+from training.optim import (build_adamw, default_warmup, load_training_state, param_groups, rng_states,
+                            save_training_state, seed_everything, set_rng_states, warmup_multistep)
+
+ProgressFn = Callable[[Dict[str, Any]], None]
+CHECKPOINT = "checkpoints/last.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that decides a fine-tuning run (saved in checkpoints and the artifact's provenance)."""
+
+    base: str
+    out: str
+    data: Optional[str] = None
+    label_config: Optional[str] = None  # XML text or a file path
+    labels: Optional[List[str]] = None
+    image_root: Optional[str] = None
+    artifact: Optional[str] = None  # default: <out>/model.safetensors
+    version: Optional[str] = None  # default: <base>-ft-<UTC timestamp>
+    val_data: Optional[str] = None  # a separate validation file (then all of `data` trains)
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    epochs: int = 12
+    max_steps: Optional[int] = None  # cap on optimiser steps (quick runs, benchmarks)
+    batch_size: int = 2  # images per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: Optional[int] = None  # default min(500, 10% of the run)
+    milestones: Tuple[float, ...] = (8 / 12, 11 / 12)  # fractions of the run
+    gamma: float = 0.1
+    max_norm: Optional[float] = 0.01  # spec value; None or 0 disables clipping
+    num_points: Optional[int] = None  # default 12544 at 1024 px, scaled with the image area
+    oversample: float = 3.0
+    importance: float = 0.75
+    cls_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    background_weight: float = 0.1
+    num_proposals: int = 40
+    num_box_prompts: int = 21
+    augment: bool = True
+    ratio_range: Tuple[float, float] = (0.9, 2.0)
+    cache_features: bool = False
+    seed: int = 0
+    device: Optional[str] = None
+    amp: bool = True  # bf16 autocast on CUDA
+    workers: int = 0
+    resume: bool = False
+    checkpoint_interval: int = 0  # optimiser steps between mid-epoch checkpoints (0: end of epoch only)
+    eval_prompts: Tuple[str, ...] = ("box", "center")
+    eval_before: bool = False
+    max_eval_images: Optional[int] = None
+    progress: bool = True
+    tensorboard: bool = True
+    cache_dir: Optional[str] = None  # text-embedding cache
+    command: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.cache_features and self.augment:
+            raise ValueError("--cache-features needs --no-augment: augmented images change every epoch")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
+            raise ValueError("batch size, gradient accumulation and epochs must be >= 1")
+
+    def loss_config(self, image_size: int) -> L.LossConfig:
+        return L.LossConfig(self.cls_weight, self.mask_weight, self.dice_weight, self.background_weight,
+                            self.num_points or L.default_num_points(image_size), self.oversample, self.importance)
+
+
+@dataclass
+class FinetuneResult:
+    artifact: Optional[Path]
+    version: str
+    metrics: Dict[str, Any]
+    provenance: Dict[str, Any]
+    history: List[Dict[str, float]] = field(default_factory=list)
+    model: Optional[OVSAM] = None
+    vocabulary: Optional[Vocabulary] = None
+    eval_samples: List[Any] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+class CLIP2SAMTrainStep(nn.Module):
+    """The trainable forward: FPN + mask decoder + RoI classifier on top of frozen image features.
+
+    DDP wraps this module. Every trainable parameter gets a gradient each step (a zero term touches
+    those a batch does not use, e.g. the P5 conv when no RoI is large), so DDP needs no unused-parameter
+    search and 1 and N processes make identical updates.
+    """
+
+    def __init__(self, model: OVSAM, text_embeddings: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("text_embeddings", text_embeddings.float(), persistent=False)
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(self, batch: Dict[str, Any], feats: Optional[List[torch.Tensor]] = None,
+                embedding: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        m = self.model
+        if feats is None:
+            with torch.no_grad():
+                feats = m.trunk(batch["images"])
+                embedding = m.neck(feats)
+        pyramid = m.head.pyramid(feats)
+        image_index = batch["image_index"]
+        rois = boxes_to_rois(batch["boxes"].float(), image_index)
+        logits = m.head.classify(pyramid, rois, self.text_embeddings)
+        dec = torch.nonzero(batch["has_mask"], as_tuple=True)[0]  # box-only instances train only the classifier
+        low_res = embedding.new_zeros(0, 1, m.cfg.low_res_size, m.cfg.low_res_size)
+        if dec.numel():
+            sparse, dense = self.encode_prompts(batch, dec)
+            low_res = m.decode(embedding, sparse, dense, image_index[dec])
+        zero = sum(p.sum() for p in self._trainable) * 0.0
+        return {"logits": logits, "low_res": low_res, "decoded": dec, "zero": zero}
+
+    @torch.no_grad()
+    def encode_prompts(self, batch: Dict[str, Any], dec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Box prompts (GT box) and single positive point prompts, back in the order of `dec`."""
+        m = self.model
+        is_box = batch["is_box"][dec]
+        sparse = dense = None
+        for sel, kind in ((is_box, "box"), (~is_box, "point")):
+            idx = torch.nonzero(sel, as_tuple=True)[0]
+            if idx.numel() == 0:
+                continue
+            rows = dec[idx]
+            if kind == "box":
+                s, d = m.encode_prompts(boxes=batch["boxes"][rows].float())
+            else:
+                pts = batch["points"][rows].float().unsqueeze(1)
+                s, d = m.encode_prompts(points=pts, point_labels=torch.ones_like(pts[..., 0], dtype=torch.long))
+            if sparse is None:
+                sparse = s.new_zeros(len(dec), *s.shape[1:])
+                dense = d.new_zeros(len(dec), *d.shape[1:])
+            sparse[idx], dense[idx] = s, d
+        return sparse, dense
+
+
+def compute_losses(out: Dict[str, torch.Tensor], batch: Dict[str, Any], cfg: L.LossConfig, image_size: int,
+                   world_size: int) -> Dict[str, torch.Tensor]:
+    """Weighted CE + BCE + Dice; each divided by the mean count over ranks (= the 1-process mean)."""
+    dev = out["logits"].device
+    counts = all_reduce_sum(torch.tensor([float(out["logits"].shape[0]), float(out["decoded"].numel())], device=dev))
+    n_cls = max(1.0, float(counts[0]) / world_size)
+    n_mask = max(1.0, float(counts[1]) / world_size)
+    losses = {"cls": cfg.cls_weight * L.classification_loss(out["logits"], batch["labels"], cfg.background_weight, n_cls)}
+    low_res = out["low_res"]
+    if low_res.shape[0]:
+        coords = L.uncertain_point_coords(low_res, batch["masked_counts"], batch["seeds"], cfg.num_points,
+                                          cfg.oversample, cfg.importance)
+        pred = L.point_sample(low_res.float(), coords)[:, 0]
+        target = L.sample_binary_masks(batch["masks"], batch["mask_index"][out["decoded"]], coords, image_size)
+        ml = L.mask_losses(pred, target, n_mask)
+        losses["mask"] = cfg.mask_weight * ml["mask"]
+        losses["dice"] = cfg.dice_weight * ml["dice"]
+    else:
+        losses["mask"] = losses["dice"] = out["logits"].new_zeros(())
+    losses["loss"] = losses["cls"] + losses["mask"] + losses["dice"] + out["zero"]
+    return losses
+
+
+def to_device(batch: Dict[str, Any], dev: torch.device) -> Dict[str, Any]:
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def make_version(base_version: str, when: Optional[datetime] = None) -> str:
+    """`<base>-ft-<UTC timestamp>`; a base that is itself fine-tuned keeps only its root name."""
+    root = re.sub(r"-ft-\d{8}T\d{6}Z(-\d+)?$", "", base_version)
+    stamp = (when or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return f"{root}-ft-{stamp}"
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def check_frozen(model: OVSAM) -> None:
+    """The recipe's split between frozen and trained parts, asserted rather than assumed."""
+    for name in ("trunk", "neck", "prompt_encoder"):
+        if any(p.requires_grad for p in getattr(model, name).parameters()):
+            raise RuntimeError(f"{name} must be frozen for CLIP2SAM fine-tuning")
+    model.head.label_mlp.requires_grad_(False)  # dead branch (bug B3): never trained
+
+
+def split_data(data: TrainingData, cfg: FinetuneConfig, val_data: Optional[TrainingData] = None) -> Tuple[list, list]:
+    """(train, val): a separate validation file, else a stable split by task (`split_by_task`)."""
+    from training.data.split import split_by_task
+
+    if val_data is not None:
+        return list(data.samples), list(val_data.samples)
+    train, val = split_by_task(data.samples, cfg.val_fraction, cfg.split_seed)
+    if not train:
+        raise ValueError("no training images: every annotated task went to validation")
+    return train, val
+
+
+def usable(samples: list, labels: Sequence[str]) -> list:
+    known = set(labels)
+    return [s for s in samples if any(i.label in known for i in s.instances)]
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    data: Optional[TrainingData] = None,
+    base: Optional[ModelArtifact] = None,
+    images: Any = None,
+    on_progress: Optional[ProgressFn] = None,
+    save: bool = True,
+) -> FinetuneResult:
+    """Train, evaluate on the validation split, and (rank 0, `save`) write the artifact.
+
+    `data`, `base` and `images` may be given directly (the backend's pipeline does); otherwise they are
+    read from `cfg.data`, `cfg.base` and the data file's folder.
+    """
+    run = _Run(cfg, on_progress)
+    run.setup(data, base, images)
+    run.resume()
+    before = run.evaluate() if cfg.eval_before and run.step == 0 else None
+    run.train()
+    result = run.finish(save, before)
+    cleanup_distributed()  # no barrier: other ranks need not wait for rank 0's evaluation
+    return result
+
+
+class _Run:
+    """The state of one fine-tuning run, split into the steps `finetune` takes."""
+
+    def __init__(self, cfg: FinetuneConfig, on_progress: Optional[ProgressFn]) -> None:
+        self.cfg = cfg
+        self.info = init_distributed(cfg.device)
+        self.dev = self.info.device
+        self.out_dir = Path(cfg.out)
+        self.notify = on_progress or (lambda event: None)
+        self.epoch, self.step, self.skip_micro = 0, 0, 0
+        self.history: List[Dict[str, float]] = []
+        seed_everything(cfg.seed)
+
+    # ---- data, model, optimiser ---------------------------------------------------------------
+    def setup(self, data: Optional[TrainingData], base: Optional[ModelArtifact], images: Any) -> None:
+        from training.vocab_cli import load_model_any, project_vocabulary
+
+        cfg = self.cfg
+        if data is None:
+            if not cfg.data:
+                raise ValueError("no training data: give --data")
+            data = load_training_data(cfg.data, read_label_config(cfg.label_config), cfg.labels, cfg.image_root)
+        if not data.labels:
+            raise ValueError("no labels: give a label config or --labels, or data with labelled regions")
+        val_data = load_training_data(cfg.val_data, labels=data.labels) if cfg.val_data else None
+        roots = [r for r in (data.image_root, val_data.image_root if val_data else None) if r is not None]
+        self.data, self.images = data, images or make_image_source(roots)
+        self.base = base or load_model_any(cfg.base, device="cpu")
+        self.model = model = self.base.model.to(self.dev)
+        check_frozen(model)
+        self.vocab = project_vocabulary(self.base, data.labels, data.synonyms,
+                                        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None)
+        train, self.val_samples = split_data(data, cfg, val_data)
+        self.train_samples = usable(train, data.labels)
+        if not self.train_samples:
+            raise ValueError(f"no training image has a label of the vocabulary {data.labels}")
+        self.image_size = model.cfg.image_size
+        self.loss_cfg = cfg.loss_config(self.image_size)
+        self.dataset = CLIP2SAMDataset(
+            self.train_samples, {l: i for i, l in enumerate(self.vocab.labels)}, self.images,
+            ExampleConfig(self.image_size, cfg.augment, tuple(cfg.ratio_range), 0.5, cfg.num_proposals,
+                          cfg.num_box_prompts, None, cfg.seed), model.cfg)
+        self.sampler = ShardedSampler(len(self.dataset), self.info.world_size, self.info.rank, shuffle=True, seed=cfg.seed)
+        self.micro_per_epoch = math.ceil(self.sampler.per_rank / cfg.batch_size)
+        self.total_steps = math.ceil(self.micro_per_epoch / cfg.grad_accum) * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.step_module = CLIP2SAMTrainStep(model, self.vocab.embeddings).to(self.dev)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_adamw(param_groups(model, cfg.weight_decay), cfg.lr)
+        warmup = default_warmup(self.total_steps, cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_multistep(self.total_steps, warmup, cfg.milestones, cfg.gamma))
+        self.wrapped: nn.Module = self.step_module
+        if self.info.distributed:
+            self.wrapped = wrap_ddp(self.step_module, self.dev)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    def resume(self) -> None:
+        path, main = self.ckpt_path, self.info.is_main
+        if not self.cfg.resume:
+            return
+        if not path.exists():
+            if main:
+                print(f"no checkpoint at {path}; starting from scratch", file=sys.stderr)
+            return
+        state = load_training_state(path)
+        if state.get("labels") != self.vocab.labels:
+            raise ValueError(f"{path} was trained on labels {state.get('labels')}, not {self.vocab.labels}; "
+                             "use another --out to start afresh")
+        _warn_changed(state.get("config", {}), self.cfg, self.info)
+        self.model.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step, self.skip_micro = state["epoch"], state["step"], state["micro"]
+        self.history = state.get("history", [])
+        set_rng_states(state["rng"])
+        if main:
+            print(f"resumed from {path}: epoch {self.epoch}, step {self.step}", file=sys.stderr)
+
+    def checkpoint(self, epoch: int, micro: int) -> None:
+        """Everything a resumed run needs to continue bit-identically (rank 0 writes it)."""
+        if not self.info.is_main:
+            return
+        save_training_state(self.ckpt_path, {
+            "head": self.model.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": self.step, "micro": micro,
+            "rng": rng_states(), "history": self.history, "config": dataclasses.asdict(self.cfg),
+            "labels": self.vocab.labels,
+        })
+
+    # ---- training -------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg, info = self.cfg, self.info
+        logger = RunLogger(self.out_dir, self.total_steps, self.step, info.is_main, cfg.progress, cfg.tensorboard,
+                           desc="finetune")
+        store = FeatureStore() if cfg.cache_features else None
+        self.model.train()
+        self.notify({"event": "start", "total_steps": self.total_steps, "step": self.step, "epochs": cfg.epochs,
+                     "train_images": len(self.train_samples), "val_images": len(self.val_samples)})
+        try:
+            for epoch in range(self.epoch, cfg.epochs):
+                if self.step >= self.total_steps:
+                    break
+                micro = self.train_epoch(epoch, store, logger)
+                if micro < self.micro_per_epoch:  # stopped by max_steps: a later --resume continues this epoch
+                    self.checkpoint(epoch, micro)
+                    break
+                self.checkpoint(epoch + 1, 0)
+                self.notify({"event": "epoch_end", "epoch": epoch + 1, "epochs": cfg.epochs, "step": self.step})
+        finally:
+            logger.close()
+        barrier()
+
+    def train_epoch(self, epoch: int, store: Optional[FeatureStore], logger: RunLogger) -> int:
+        """One epoch (or its remainder after a mid-epoch resume); returns the micro-batches consumed."""
+        cfg, info = self.cfg, self.info
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, skip=self.skip_micro * cfg.batch_size)
+        loader = DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=collate_examples,
+                            num_workers=cfg.workers, pin_memory=self.dev.type == "cuda")
+        micro, self.skip_micro = self.skip_micro, 0
+        sums: Dict[str, float] = {}
+        for batch in loader:
+            group_start = (micro // cfg.grad_accum) * cfg.grad_accum
+            group = min(cfg.grad_accum, self.micro_per_epoch - group_start)
+            last = micro + 1 == group_start + group
+            sync = contextlib.nullcontext() if (last or not info.distributed) else self.wrapped.no_sync()
+            with sync:
+                losses = self.forward_backward(to_device(batch, self.dev), store, group)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v / group
+            micro += 1
+            if not last:
+                continue
+            self.optimiser_step(epoch, sums, logger)
+            sums = {}
+            if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and micro < self.micro_per_epoch:
+                self.checkpoint(epoch, micro)
+            if self.step >= self.total_steps:
+                break
+        return micro
+
+    def forward_backward(self, batch: Dict[str, Any], store: Optional[FeatureStore], group: int) -> Dict[str, float]:
+        amp = self.cfg.amp and self.dev.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp) if amp else contextlib.nullcontext():
+            feats = emb = None
+            if store is not None:
+                feats, emb = store.get(self.model, batch["index"], batch["images"])
+            out = self.wrapped(batch, feats, emb)
+        losses = compute_losses(out, batch, self.loss_cfg, self.image_size, self.info.world_size)
+        (losses["loss"] / group).backward()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def optimiser_step(self, epoch: int, sums: Dict[str, float], logger: RunLogger) -> None:
+        grad_norm = _clip(self.trainable, self.cfg.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        row = {"lr": lr, **_mean_over_ranks(sums, self.info, self.dev), "grad_norm": grad_norm}
+        self.history.append({"step": self.step, "epoch": epoch, **row})
+        logger.log(self.step, epoch, row)
+        self.notify({"event": "step", "step": self.step, "total_steps": self.total_steps, "epoch": epoch, **row})
+
+    # ---- evaluation and the artifact ------------------------------------------------------------
+    @property
+    def eval_samples(self) -> list:
+        return self.val_samples or self.train_samples
+
+    def evaluate(self) -> Optional[Dict[str, Any]]:
+        """Rank 0 only: the spec's metric on the validation split (the training images when there is none)."""
+        if not (self.cfg.eval_prompts and self.info.is_main):
+            return None
+        metrics = _evaluate(self.model, self.vocab, self.eval_samples, self.images, self.dev, self.cfg)
+        self.model.train()
+        return metrics
+
+    def finish(self, save: bool, before: Optional[Dict[str, Any]]) -> FinetuneResult:
+        cfg, history = self.cfg, self.history
+        version = cfg.version or make_version(self.base.version)
+        metrics: Dict[str, Any] = {}
+        provenance: Dict[str, Any] = {}
+        artifact_path: Optional[Path] = None
+        if self.info.is_main:
+            metrics = {"eval_split": "val" if self.val_samples else "train",
+                       "train_loss_first": history[0]["loss"] if history else None,
+                       "train_loss_last": history[-1]["loss"] if history else None}
+            if cfg.eval_prompts:
+                self.notify({"event": "evaluate", "images": len(self.eval_samples)})
+                metrics["val"] = self.evaluate()
+            if before is not None:
+                metrics["before"] = before
+            provenance = _provenance(cfg, self.base, self.data, self.info, len(self.train_samples),
+                                     len(self.val_samples), self.step)
+            if save:
+                artifact_path = Path(cfg.artifact) if cfg.artifact else self.out_dir / "model.safetensors"
+                save_artifact(artifact_path, self.model, self.vocab, version, provenance, metrics,
+                              text_encoder=self.base.text_encoder)
+                (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str), encoding="utf-8")
+            self.notify({"event": "done", "version": version, "artifact": str(artifact_path) if artifact_path else None})
+        self.model.eval()
+        return FinetuneResult(artifact_path, version, metrics, provenance, history, self.model, self.vocab,
+                              self.eval_samples)
+
+
+RESUME_KEYS = ("base", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "milestones",
+               "gamma", "max_norm", "num_points", "augment", "seed", "val_fraction", "split_seed")
+
+
+def _warn_changed(saved: Dict[str, Any], cfg: FinetuneConfig, info: DistInfo) -> None:
+    """A resumed run only reproduces the uninterrupted one with the same settings; say which differ."""
+    now = dataclasses.asdict(cfg)
+    changed = [k for k in RESUME_KEYS if k in saved and _norm(saved[k]) != _norm(now[k])]
+    if changed and info.is_main:
+        print(f"warning: resuming with changed settings {changed}; the run will differ from an uninterrupted one",
+              file=sys.stderr)
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _clip(params: List[nn.Parameter], max_norm: Optional[float]) -> float:
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _mean_over_ranks(values: Dict[str, float], info: DistInfo, dev: torch.device) -> Dict[str, float]:
+    keys = sorted(values)
+    t = all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=dev)) / info.world_size
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def _evaluate(model: OVSAM, vocab: Vocabulary, samples: list, images: Any, dev: torch.device,
+              cfg: FinetuneConfig) -> Dict[str, Any]:
+    from training.evaluate import evaluate_model
+
+    if cfg.max_eval_images:
+        samples = samples[: cfg.max_eval_images]
+    result = evaluate_model(model, vocab, samples, images, device=dev, modes=tuple(cfg.eval_prompts), max_examples=0)
+    return result.metrics
+
+
+def _provenance(cfg: FinetuneConfig, base: ModelArtifact, data: TrainingData, info: DistInfo,
+                n_train: int, n_val: int, steps: int) -> Dict[str, Any]:
+    return {
+        "kind": "clip2sam-finetune",
+        "base_model": str(cfg.base),
+        "base_version": base.version,
+        "data": data.source,
+        "data_hash": data.data_hash,
+        "train_images": n_train,
+        "val_images": n_val,
+        "skipped": data.report.as_dict(),
+        "labels": list(data.labels),
+        "command": cfg.command or " ".join(sys.argv),
+        "git_commit": git_commit(),
+        "epochs": cfg.epochs,
+        "steps": steps,
+        "seed": cfg.seed,
+        "world_size": info.world_size,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hyperparameters": {k: v for k, v in dataclasses.asdict(cfg).items()
+                            if k not in ("base", "out", "data", "label_config", "command")},
+    }
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FinetuneConfig(base="", out="")
+    p = argparse.ArgumentParser(prog="python -m training finetune",
+                                description="CLIP2SAM fine-tuning of OVSAM's head on a Label Studio export or COCO file. "
+                                            "Multi-GPU: the same command under torchrun.")
+    p.add_argument("--base", required=True, help="base model artifact (or a directory of the official weights)")
+    p.add_argument("--data", required=True, help="Label Studio export JSON or COCO instances JSON")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, logs, TensorBoard, model.safetensors")
+    p.add_argument("--label-config", help="Label Studio label config XML: the vocabulary and its synonyms")
+    p.add_argument("--labels", help="comma-separated vocabulary (default: the label config, else the data's labels)")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: next to --data)")
+    p.add_argument("--artifact", help="where to write the model (default <out>/model.safetensors)")
+    p.add_argument("--version", help="model version (default <base version>-ft-<UTC timestamp>)")
+    p.add_argument("--val-data", help="separate validation file (same format); default: hold out --val-fraction of --data")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out share of tasks")
+    p.add_argument("--split-seed", type=int, default=d.split_seed)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per process")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, help="default: min(500, 10%% of the run)")
+    p.add_argument("--milestones", help="LR x gamma at these fractions of the run (default 8/12,11/12)")
+    p.add_argument("--gamma", type=float, default=d.gamma)
+    p.add_argument("--max-norm", type=float, default=d.max_norm, help="gradient clipping (0 = off; spec 0.01)")
+    p.add_argument("--num-points", type=int, help="mask-loss points per mask (default 12544 at 1024 px, scaled)")
+    p.add_argument("--num-proposals", type=int, default=d.num_proposals, help="prompts per image")
+    p.add_argument("--num-box-prompts", type=int, default=d.num_box_prompts)
+    p.add_argument("--ratio-range", default="0.9,2.0", help="LSJ scale range (LVIS used 0.1,2.0)")
+    p.add_argument("--no-augment", action="store_true", help="no LSJ: the inference resize only")
+    p.add_argument("--cache-features", action="store_true", help="with --no-augment: compute frozen features once")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: DEVICE or the local GPU)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt if it exists")
+    p.add_argument("--checkpoint-interval", type=int, default=0, help="also checkpoint every N steps mid-epoch")
+    p.add_argument("--eval-prompts", default="box,center", help="prompt modes of the final evaluation ('' = none)")
+    p.add_argument("--eval-before", action="store_true", help="also evaluate the base model first")
+    p.add_argument("--max-eval-images", type=int)
+    p.add_argument("--cache-dir", help="text-embedding cache")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-tensorboard", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneConfig:
+    d = FinetuneConfig(base="", out="")
+    floats = lambda s: tuple(float(x) for x in s.split(",") if x.strip())  # noqa: E731
+    return FinetuneConfig(
+        base=args.base, out=args.out, data=args.data, label_config=args.label_config,
+        labels=[s.strip() for s in args.labels.split(",")] if args.labels else None, image_root=args.image_root,
+        artifact=args.artifact, version=args.version, val_data=args.val_data, val_fraction=args.val_fraction,
+        split_seed=args.split_seed, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        milestones=floats(args.milestones) if args.milestones is not None else d.milestones,
+        gamma=args.gamma, max_norm=args.max_norm or None, num_points=args.num_points,
+        num_proposals=args.num_proposals, num_box_prompts=args.num_box_prompts, augment=not args.no_augment,
+        ratio_range=floats(args.ratio_range), cache_features=args.cache_features, seed=args.seed, device=args.device,
+        amp=not args.no_amp, workers=args.workers, resume=args.resume, checkpoint_interval=args.checkpoint_interval,
+        eval_prompts=tuple(s.strip() for s in args.eval_prompts.split(",") if s.strip()), eval_before=args.eval_before,
+        max_eval_images=args.max_eval_images, progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        cache_dir=args.cache_dir, command="python -m training finetune " + " ".join(argv),
+    )
+
+
+def main_finetune(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args, argv)
+    result = finetune(cfg)
+    if result.metrics.get("val"):
+        val = result.metrics["val"]
+        print(json.dumps({"artifact": str(result.artifact), "version": result.version, "score": val.get("score"),
+                          **{m: {"miou": val[m]["miou"], "accuracy": val[m]["accuracy"]} for m in val["prompt_modes"]}}))
+    return 0
