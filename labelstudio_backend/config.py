@@ -21,6 +21,8 @@ limits: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``, ``IMAGE_TIMEOUT_S``,
 ``DEVICE``                  ``cuda``, ``cuda:1``, ``cpu`` (default: ``cuda`` if available).
 ``BASIC_AUTH_USER``/``_PASS``  HTTP basic auth on every endpoint (both or neither).
 ``LOG_LEVEL``               ``DEBUG``/``INFO``/``WARNING``/... (default ``INFO``).
+``TRAINING_OPTIONS``        JSON object of fine-tuning overrides for START_TRAINING jobs,
+                            e.g. ``{"epochs": 4, "batch_size": 1}`` (FinetuneConfig fields).
 ``RECOGNISED_LABEL_WINS``   ``true`` (default): a click's region gets the recognised class
                             even when the annotator picked another label on the smart
                             tool; ``false``: the annotator's label wins.

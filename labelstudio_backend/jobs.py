@@ -28,6 +28,9 @@ is not promoted, changes nothing that is served.
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
+import os
 import itertools
 import logging
 import threading
@@ -176,7 +179,7 @@ def _training_outcome(result: Any) -> tuple[Path, bool]:
     if isinstance(result, (tuple, list)) and len(result) == 2:
         path, promoted = result
     elif isinstance(result, Mapping):
-        path = result.get("artifact_path", result.get("path"))
+        path = result.get("artifact_path", result.get("artifact", result.get("path")))
         promoted = result.get("promoted")
     else:
         path = getattr(result, "artifact_path", getattr(result, "path", None))
@@ -215,7 +218,13 @@ class TrainingRunner:
             job.progress.update({k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
                                  for k, v in info.items()})
 
-        result = train(tasks, label_config, base, self.registry.root, project_id, on_progress)
+        kwargs: dict[str, Any] = {}
+        params = inspect.signature(train).parameters
+        if "image_loader" in params:
+            kwargs["image_loader"] = self.images  # carries the /setup URL and token the environment may lack
+        if "options" in params and training_options():
+            kwargs["options"] = training_options()
+        result = train(tasks, label_config, base, self.registry.root, project_id, on_progress, **kwargs)
         path, promoted = _training_outcome(result)
         job.artifact, job.promoted = str(path), promoted
         if not promoted:
@@ -254,6 +263,20 @@ class TrainingRunner:
         if not isinstance(tasks, list):
             raise JobFailed(f"cannot export annotations: expected a list of tasks, got {type(tasks).__name__}")
         return tasks
+
+
+def training_options() -> dict[str, Any]:
+    """FinetuneConfig overrides for backend jobs from TRAINING_OPTIONS (JSON), e.g. '{"epochs": 4}'."""
+    raw = os.environ.get("TRAINING_OPTIONS", "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise JobFailed(f"TRAINING_OPTIONS is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise JobFailed("TRAINING_OPTIONS must be a JSON object")
+    return value
 
 
 def _label_studio_auth(images: ImageLoader) -> dict[str, str]:
