@@ -67,7 +67,10 @@ class AutomaticMaskGenerator:
                 sparse, dense = model.encode_prompts(pts, labels)
                 low_res = model.decode(features.embedding, sparse, dense).float()
                 stability = calculate_stability_score(low_res[:, 0], 0.0, cfg.stability_offset)
-                rec = model.recognise(features.pyramid, features.c5, low_res, vocab.embeddings.to(dev), vocab.is_base.to(dev))
+                rec = model.recognise(
+                    features.pyramid, features.c5, low_res, vocab.embeddings.to(dev), vocab.is_base.to(dev),
+                    clip_kv=features.clip_kv,
+                )
                 probs = foreground_probabilities(rec.scores.float())
                 conf = probs.max(dim=-1).values
                 keep = (stability >= cfg.stability_threshold) & (conf >= cfg.confidence_threshold)

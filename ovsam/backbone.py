@@ -1,9 +1,10 @@
 """The frozen CLIP ResNet trunk: C2..C5 feature maps plus the attention pool used by the CLIP branch."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
@@ -41,3 +42,36 @@ class CLIPTrunk(nn.Module):
     def attention_pool(self, roi_feats: torch.Tensor) -> torch.Tensor:
         """CLIP's own image-level pooling applied to RoI features [N, C5, g, g] -> [N, embed_dim]."""
         return self.visual.attnpool(roi_feats)
+
+    def key_value_maps(self, c5: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The attention pool's key/value projections of C5 (without bias), computed once per image.
+
+        RoIAlign is a fixed linear combination of pixels per channel, so it commutes with these 1x1
+        projections: pooling RoIs from these maps equals projecting the pooled C5, and a click then skips
+        the two 3072x3072 projections of all 145 tokens (spec §1.8 is otherwise unchanged).
+        """
+        pool = self.visual.attnpool
+        k = F.conv2d(c5, pool.k_proj.weight[:, :, None, None])
+        v = F.conv2d(c5, pool.v_proj.weight[:, :, None, None])
+        return k, v
+
+    def attention_pool_from_maps(
+        self, roi_c5: torch.Tensor, roi_k: torch.Tensor, roi_v: torch.Tensor
+    ) -> torch.Tensor:
+        """attnpool(roi_c5) from RoI-pooled C5 and its pooled key/value maps: only the mean token queries."""
+        pool = self.visual.attnpool
+        n, c = roi_c5.shape[:2]
+        pos = pool.positional_embedding.to(roi_c5.dtype)  # [1 + g*g, C]
+        mean_c5 = roi_c5.flatten(2).mean(dim=2)  # the pooled "class" token
+        k_tokens = torch.cat([roi_k.flatten(2).mean(dim=2, keepdim=True), roi_k.flatten(2)], dim=2).transpose(1, 2)
+        v_tokens = torch.cat([roi_v.flatten(2).mean(dim=2, keepdim=True), roi_v.flatten(2)], dim=2).transpose(1, 2)
+        k_tokens = k_tokens + F.linear(pos, pool.k_proj.weight, pool.k_proj.bias)
+        v_tokens = v_tokens + F.linear(pos, pool.v_proj.weight, pool.v_proj.bias)
+        q = F.linear(mean_c5 + pos[0], pool.q_proj.weight, pool.q_proj.bias)  # [N, C]
+        heads = pool.num_heads
+        d = c // heads
+        q = q.view(n, heads, 1, d)
+        k_tokens = k_tokens.view(n, -1, heads, d).transpose(1, 2)
+        v_tokens = v_tokens.view(n, -1, heads, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k_tokens, v_tokens)  # [N, heads, 1, d]
+        return pool.c_proj(out.reshape(n, c))

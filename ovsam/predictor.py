@@ -207,7 +207,8 @@ class OVSAMPredictor:
             sparse, dense = model.encode_prompts(points, labels, boxes, masks)
             low_res = model.decode(feats.embedding, sparse, dense).float()
             rec = model.recognise(
-                feats.pyramid, feats.c5, low_res, vocab.embeddings.to(dev), vocab.is_base.to(dev), clip_boxes=clip_boxes
+                feats.pyramid, feats.c5, low_res, vocab.embeddings.to(dev), vocab.is_base.to(dev), clip_boxes=clip_boxes,
+                clip_kv=feats.clip_kv,
             )
             probs = foreground_probabilities(rec.scores.float())
             stability = calculate_stability_score(low_res[:, 0], 0.0, 1.0)

@@ -82,7 +82,8 @@ def setup(monkeypatch):
         state["batches"].append(n)
         return low_res[state["start"] : state["start"] + n].clone()
 
-    def recognise(pyramid, c5, low, text_embeddings, is_base, head_boxes=None, clip_boxes=None, image_index=None):
+    def recognise(pyramid, c5, low, text_embeddings, is_base, head_boxes=None, clip_boxes=None, image_index=None,
+                  clip_kv=None):
         s = state["start"]
         assert torch.equal(low, low_res[s : s + low.shape[0]])
         sc = scores[s : s + low.shape[0]]

@@ -95,7 +95,7 @@ def test_encode_image_non_square(model, cfg):
     assert f.frame.resized_size == (80, 128)
     assert tuple(f.embedding.shape) == (1, cfg.prompt_embed_dim, 8, 8)
     assert tuple(f.c5.shape) == (1, cfg.trunk_channels[3], 4, 4)
-    assert f.nbytes == sum(t.numel() * 4 for t in [f.embedding, f.c5, *f.pyramid])
+    assert f.nbytes == sum(t.numel() * 4 for t in [f.embedding, f.c5, *f.pyramid, *f.clip_kv])
 
 
 def test_preprocess_pads_with_zero_after_normalising(model, cfg):
