@@ -161,6 +161,7 @@ def bench_ours(b: Bench, cfg_name: str, image: np.ndarray, points: List[np.ndarr
         [torch.zeros(1, cfg.fpn_channels, s // st, s // st, device=dev) for st in (4, 8, 16, 32)],
         torch.zeros(1, cfg.trunk_channels[3], s // 32, s // 32, device=dev),
         ImageFrame.for_image(h, w, s),
+        tuple(torch.zeros(1, cfg.trunk_channels[3], s // 32, s // 32, device=dev) for _ in range(2)),
     )
     for _ in range(2):
         pred.predict(points[0], one, features=fake)
@@ -213,7 +214,7 @@ def bench_ours(b: Bench, cfg_name: str, image: np.ndarray, points: List[np.ndarr
         fl["click_prompt_encoder"] = count_flops(lambda: model.encode_prompts(pts, lab))
         fl["click_decoder"] = count_flops(lambda: model.decode(feats.embedding, sparse, dense))
         fl["click_head_roi"] = count_flops(lambda: model.head.classify(feats.pyramid, rois, text))
-        fl["click_clip_branch"] = count_flops(lambda: model.clip_branch_logits(feats.c5, rois, text))
+        fl["click_clip_branch"] = count_flops(lambda: model.clip_branch_logits(feats.c5, rois, text, feats.clip_kv))
         fl["click_upscale"] = count_flops(lambda: upscale_mask_logits(low_res, frame))
     fl["image"] = fl["trunk"] + fl["neck"] + fl["fpn"]
     fl["click"] = count_flops(lambda: pred.predict(points[1], one))
@@ -253,7 +254,7 @@ def stage_times(
             rois = torch.cat([low_res.new_zeros(1, 1), model.mask_boxes(low_res)], dim=1)
             t, _ = b.time(lambda: model.head.classify(cached.pyramid, rois, text))
             runs["click_head_roi"].append(t)
-            t, _ = b.time(lambda: model.clip_branch_logits(cached.c5, rois, text))
+            t, _ = b.time(lambda: model.clip_branch_logits(cached.c5, rois, text, cached.clip_kv))
             runs["click_clip_branch"].append(t)
             t, _ = b.time(lambda: mask_box((upscale_mask_logits(low_res, frame)[0] > 0).cpu().numpy()))
             runs["click_upscale"].append(t)

@@ -55,6 +55,21 @@ class CLIPTrunk(nn.Module):
         v = F.conv2d(c5, pool.v_proj.weight[:, :, None, None])
         return k, v
 
+    def _projected_positions(self, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """k/v projections of the positional embedding (+ bias): constants, so computed once per weights."""
+        pool = self.visual.attnpool
+        params = (pool.positional_embedding, pool.k_proj.weight, pool.k_proj.bias, pool.v_proj.weight, pool.v_proj.bias)
+        key = (dtype, device, tuple((p.data_ptr(), p._version) for p in params))
+        cached = getattr(self, "_pos_kv_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                pos = pool.positional_embedding.to(dtype)
+                kv = (F.linear(pos, pool.k_proj.weight.to(dtype), pool.k_proj.bias.to(dtype)),
+                      F.linear(pos, pool.v_proj.weight.to(dtype), pool.v_proj.bias.to(dtype)))
+            cached = (key, kv)
+            self._pos_kv_cache = cached
+        return cached[1]
+
     def attention_pool_from_maps(
         self, roi_c5: torch.Tensor, roi_k: torch.Tensor, roi_v: torch.Tensor
     ) -> torch.Tensor:
@@ -65,8 +80,9 @@ class CLIPTrunk(nn.Module):
         mean_c5 = roi_c5.flatten(2).mean(dim=2)  # the pooled "class" token
         k_tokens = torch.cat([roi_k.flatten(2).mean(dim=2, keepdim=True), roi_k.flatten(2)], dim=2).transpose(1, 2)
         v_tokens = torch.cat([roi_v.flatten(2).mean(dim=2, keepdim=True), roi_v.flatten(2)], dim=2).transpose(1, 2)
-        k_tokens = k_tokens + F.linear(pos, pool.k_proj.weight, pool.k_proj.bias)
-        v_tokens = v_tokens + F.linear(pos, pool.v_proj.weight, pool.v_proj.bias)
+        pos_k, pos_v = self._projected_positions(roi_c5.dtype, roi_c5.device)
+        k_tokens = k_tokens + pos_k
+        v_tokens = v_tokens + pos_v
         q = F.linear(mean_c5 + pos[0], pool.q_proj.weight, pool.q_proj.bias)  # [N, C]
         heads = pool.num_heads
         d = c // heads
