@@ -79,7 +79,38 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="write an overlay PNG here")
     pr.add_argument("--json", dest="json_out", help="write the prediction as JSON here")
     pr.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+
+    ini = sub.add_parser("init", help="write a freshly initialised model artifact (a base for training from scratch)",
+                         description="Build a model from a configuration preset with random weights (custom text "
+                                     "towers included) and save it as an artifact with the given vocabulary.")
+    ini.add_argument("--config", default="tiny", help="preset: tiny, demo, rn50x16, rn50, ... (default tiny)")
+    ini.add_argument("--labels", type=parse_labels, required=True, metavar="A,B,...", help="the vocabulary")
+    ini.add_argument("--out", required=True, help="artifact file to write (.safetensors)")
+    ini.add_argument("--version", default=None, help="version string (default <config>-init)")
+    ini.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def run_init(args: argparse.Namespace) -> int:
+    import torch
+
+    from .artifact import save_artifact
+    from .config import get_config
+    from .model import OVSAM
+    from .text import load_pretrained_text_encoder
+    from .vocabulary import VocabularyBuilder
+
+    torch.manual_seed(args.seed)
+    cfg = get_config(args.config)
+    model = OVSAM(cfg)
+    text = load_pretrained_text_encoder(cfg)  # custom towers: random; official ones: open_clip pretrained
+    vocabulary = VocabularyBuilder(text).build(args.labels)
+    version = args.version or f"{cfg.name}-init"
+    provenance = {"kind": "random-init", "config": args.config, "seed": args.seed, "command": " ".join(sys.argv)}
+    path = save_artifact(args.out, model, vocabulary, version, provenance=provenance,
+                         text_encoder=text if cfg.text_cfg is not None else None)
+    print(f"wrote {path} ({version}, {len(vocabulary)} labels)")
+    return 0
 
 
 # ---- predict ----------------------------------------------------------------------------------------
@@ -210,7 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return run_download(args) if args.command == "download" else run_predict(args)
+        runners = {"download": run_download, "predict": run_predict, "init": run_init}
+        return runners[args.command](args)
     except (CLIError, CheckpointError, DownloadError, OSError, ValueError) as exc:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)

@@ -185,3 +185,16 @@ def test_download_url_streams_to_a_temp_file_then_renames(tmp_path, monkeypatch)
         server.shutdown()
     assert got["sam_vit_h"].read_bytes() == payload
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sam_vit_h_4b8939.pth"]
+
+
+def test_init_writes_a_loadable_artifact_with_the_vocabulary(tmp_path, monkeypatch):
+    from ovsam.artifact import load_artifact
+    from ovsam.cli import main
+
+    monkeypatch.setenv("OVSAM_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "init.safetensors"
+    assert main(["init", "--config", "tiny", "--labels", "cat,dog", "--out", str(out), "--version", "v0"]) == 0
+    art = load_artifact(out)
+    assert art.version == "v0" and art.vocabulary.labels == ["cat", "dog"]
+    assert art.text_encoder is not None and art.provenance["kind"] == "random-init"
+    assert main(["init", "--config", "nope", "--labels", "cat", "--out", str(out)]) == 2
