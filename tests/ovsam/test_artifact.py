@@ -18,15 +18,6 @@ PROVENANCE = {"base": "random init", "dataset": {"name": "synthetic", "images": 
 METRICS = {"miou": 0.4321, "accuracy": 0.75, "per_class": {"cat": 0.5}}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is far faster (and steadier) than OpenMP contention on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(seed=0):
     torch.manual_seed(seed)
     model = OVSAM(ovsam.get_config("tiny")).eval()

@@ -15,15 +15,6 @@ from ovsam.predictor import OVSAMPredictor
 from ovsam.vocabulary import Vocabulary
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is far faster (and steadier) than OpenMP contention on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 LABELS = ["cat", "dog", "cup"]
 H0, W0 = 50, 100  # resized to 64x128 inside the 128 input: low-res rows >= 16 are padding
 L = 32  # low-res side of the tiny model

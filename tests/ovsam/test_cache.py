@@ -18,15 +18,6 @@ from ovsam.vocabulary import Vocabulary
 TIMEOUT = 10.0
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is far faster (and steadier) than OpenMP contention on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _wait_until(cond, timeout=TIMEOUT):
     end = time.monotonic() + timeout
     while not cond():

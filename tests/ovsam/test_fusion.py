@@ -10,15 +10,6 @@ import torch
 from ovsam.fusion import EXCLUDED_SCORE, foreground_probabilities, fuse_logits
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is far faster (and steadier) than OpenMP contention on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ALPHA, BETA = 0.1, 0.9
 
 

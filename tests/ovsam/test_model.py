@@ -11,15 +11,6 @@ from ovsam.model import OVSAM
 from ovsam.transforms import ImageFrame, upscale_mask_logits
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is far faster (and steadier) than OpenMP contention on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 K = 5
 
 

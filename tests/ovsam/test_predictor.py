@@ -12,15 +12,6 @@ from ovsam.predictor import OVSAMPredictor, Prompt
 from ovsam.vocabulary import Vocabulary
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is far faster (and steadier) than OpenMP contention on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 LABELS = ["cat", "dog", "car", "tree", "person", "cup"]
 H0, W0 = 37, 91  # resized to 52x128: x and y scales differ (128/91 vs 52/37)
 

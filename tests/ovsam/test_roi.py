@@ -14,15 +14,6 @@ from ovsam.head import cosine_logits
 from ovsam.roi import boxes_to_rois, map_roi_levels, masks_to_boxes_exclusive, multi_level_roi_align
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is far faster (and steadier) than OpenMP contention on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 STRIDES = (4, 8, 16, 32)
 
 

@@ -18,15 +18,6 @@ from ovsam.vocabulary import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is far faster (and steadier) than OpenMP contention on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)
