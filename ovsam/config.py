@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 # SAM/ImageNet statistics: OVSAM feeds CLIP with these, not CLIP's own (spec §1.2, P8).

@@ -7,7 +7,6 @@ from typing import Dict, List, Optional, Sequence
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip.model import _build_text_tower
 from torch import nn
 

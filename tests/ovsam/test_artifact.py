@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import ovsam
@@ -12,7 +11,7 @@ from ovsam.artifact import ARTIFACT_FORMAT, load_artifact, read_artifact_metadat
 from ovsam.model import OVSAM
 from ovsam.predictor import OVSAMPredictor
 from ovsam.text import TextEncoder
-from ovsam.vocabulary import Vocabulary, VocabularyBuilder
+from ovsam.vocabulary import VocabularyBuilder
 
 PROVENANCE = {"base": "random init", "dataset": {"name": "synthetic", "images": 12}, "seed": 7}
 METRICS = {"miou": 0.4321, "accuracy": 0.75, "per_class": {"cat": 0.5}}

@@ -1,7 +1,6 @@
 """Automatic mode with crafted decoder / recogniser outputs: sizes, order, NMS, thresholds."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

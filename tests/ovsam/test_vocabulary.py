@@ -1,7 +1,6 @@
 """Vocabulary embeddings (spec §3): templates, synonym padding, split_label, and the on-disk cache."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
