@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
+
+from .brush_rle import mask_to_brush_rle
 
 if TYPE_CHECKING:
     from .label_config import ProjectSchema
@@ -120,8 +121,7 @@ def brush_result(
     if not m.any():
         return None
     height, width = m.shape
-    rle = mask2rle(m.astype(np.uint8) * 255)
-    value = {"format": "rle", "rle": [int(v) for v in rle]}
+    value = {"format": "rle", "rle": mask_to_brush_rle(m)}  # byte-identical to the SDK's mask2rle
     return _base("brushlabels", width, height, label, from_name, to_name, score, meta, value)
 
 
