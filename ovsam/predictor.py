@@ -121,7 +121,8 @@ class OVSAMPredictor:
         self.use_autocast = use_autocast and self.device.type == "cuda"
         self.max_batch = max_batch
         self.model_lock = threading.RLock()
-        self._current: Optional[ImageFeatures] = None
+        # The "current image" of the SAM-style API is per thread, so request threads never see each other's.
+        self._local = threading.local()
 
     # ---- state ------------------------------------------------------------------------------
     def set_vocabulary(self, vocabulary: Vocabulary) -> None:
@@ -146,8 +147,13 @@ class OVSAMPredictor:
                 feats = self.model.encode_image(image)
             return feats.to(self.device, torch.float32)
 
-        self._current = self.cache.get_or_compute(key, compute)
-        return self._current
+        self._local.current = self.cache.get_or_compute(key, compute)
+        return self._local.current
+
+    @property
+    def current_features(self) -> Optional[ImageFeatures]:
+        """The features of this thread's last `set_image`, used when `predict` gets no `features`."""
+        return getattr(self._local, "current", None)
 
     def is_cached(self, image: np.ndarray) -> bool:
         return image_key(validate_image(image)) in self.cache
@@ -169,7 +175,7 @@ class OVSAMPredictor:
         self, prompts: Sequence[Prompt], features: Optional[ImageFeatures] = None, top_k: int = 5
     ) -> List[Prediction]:
         """Many objects on one image in as few decoder calls as possible (prompts grouped by structure)."""
-        feats = features or self._current
+        feats = features or self.current_features
         if feats is None:
             raise ValueError("no image: call set_image first")
         h, w = feats.frame.original_size

@@ -67,7 +67,7 @@ def test_points_to_input_scales_each_axis():
 def test_predictor_passes_scaled_coordinates_to_encode_prompts(loaded, monkeypatch):
     spy = _Spy(loaded.model.encode_prompts)
     monkeypatch.setattr(loaded.model, "encode_prompts", spy)
-    frame = loaded._current.frame
+    frame = loaded.current_features.frame
     rh, rw = frame.resized_size
     loaded.predict(points=np.array([[10.0, 20.0], [50.0, 5.0]]), point_labels=np.array([1, 0]), box=np.array([2.0, 3.0, 80.0, 30.0]))
     assert len(spy.calls) == 1
@@ -97,7 +97,7 @@ def test_mask_matches_low_res_logits_upscaled(loaded):
     from ovsam.transforms import upscale_mask_logits
 
     pred = loaded.predict(box=np.array([5.0, 5.0, 60.0, 30.0]))
-    expected = (upscale_mask_logits(pred.low_res_logits[None], loaded._current.frame)[0] > 0).numpy()
+    expected = (upscale_mask_logits(pred.low_res_logits[None], loaded.current_features.frame)[0] > 0).numpy()
     assert np.array_equal(pred.mask, expected)
 
 
@@ -232,3 +232,19 @@ def test_set_vocabulary_changes_labels(loaded):
     after = loaded.predict(points=np.array([[30.0, 15.0]]), top_k=6)
     assert after.label in ("apple", "pear") and len(after.top_k) == 2
     assert len(before.top_k) == 6
+
+
+def test_current_image_is_per_thread():
+    import threading
+
+    torch.manual_seed(0)
+    cfg = ovsam.get_config("tiny")
+    model = OVSAM(cfg).eval()
+    vocab = Vocabulary(["a", "b"], [["a"], ["b"]], torch.nn.functional.normalize(torch.randn(2, 1, cfg.clip_embed_dim), dim=-1))
+    pred = OVSAMPredictor(model, vocab)
+    mine = pred.set_image(np.zeros((40, 60, 3), np.uint8))
+    other = {}
+    thread = threading.Thread(target=lambda: other.setdefault("f", pred.set_image(np.full((50, 30, 3), 200, np.uint8))))
+    thread.start()
+    thread.join()
+    assert pred.current_features is mine and other["f"] is not mine
