@@ -90,9 +90,14 @@ class FinetuneConfig:
     progress: bool = True
     tensorboard: bool = True
     cache_dir: Optional[str] = None  # text-embedding cache
+    # Pretraining from scratch (e.g. the offline demo model): also train the CLIP trunk and the SAM2CLIP neck.
+    # Not the OVSAM recipe, which keeps both frozen; only for models without pretrained CLIP/SAM weights.
+    train_all: bool = False
     command: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.cache_features and self.train_all:
+            raise ValueError("--cache-features cannot be used with --train-all: the trunk and neck change")
         if self.cache_features and self.augment:
             raise ValueError("--cache-features needs --no-augment: augmented images change every epoch")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
@@ -131,12 +136,14 @@ class CLIP2SAMTrainStep(nn.Module):
         self.model = model
         self.register_buffer("text_embeddings", text_embeddings.float(), persistent=False)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self.image_side_trains = any(p.requires_grad for p in (*model.trunk.parameters(), *model.neck.parameters()))
 
     def forward(self, batch: Dict[str, Any], feats: Optional[List[torch.Tensor]] = None,
                 embedding: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         m = self.model
         if feats is None:
-            with torch.no_grad():
+            # Frozen trunk and neck (the recipe) build no graph; pretraining (`train_all`) trains them too.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.image_side_trains):
                 feats = m.trunk(batch["images"])
                 embedding = m.neck(feats)
         pyramid = m.head.pyramid(feats)
@@ -300,7 +307,12 @@ class _Run:
         self.data, self.images = data, images or make_image_source(roots)
         self.base = base or load_model_any(cfg.base, device="cpu")
         self.model = model = self.base.model.to(self.dev)
-        check_frozen(model)
+        if cfg.train_all:
+            model.trunk.requires_grad_(True)
+            model.neck.requires_grad_(True)
+            model.head.label_mlp.requires_grad_(False)
+        else:
+            check_frozen(model)
         self.vocab = project_vocabulary(self.base, data.labels, data.synonyms,
                                         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None)
         train, self.val_samples = split_data(data, cfg, val_data)
@@ -320,6 +332,7 @@ class _Run:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.step_module = CLIP2SAMTrainStep(model, self.vocab.embeddings).to(self.dev)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trained_modules = ("trunk", "neck", "head") if cfg.train_all else ("head",)
         self.optimizer = build_adamw(param_groups(model, cfg.weight_decay), cfg.lr)
         warmup = default_warmup(self.total_steps, cfg.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -346,7 +359,8 @@ class _Run:
             raise ValueError(f"{path} was trained on labels {state.get('labels')}, not {self.vocab.labels}; "
                              "use another --out to start afresh")
         _warn_changed(state.get("config", {}), self.cfg, self.info)
-        self.model.head.load_state_dict(state["head"])
+        for name, module_state in state["modules"].items():
+            getattr(self.model, name).load_state_dict(module_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.skip_micro = state["epoch"], state["step"], state["micro"]
@@ -360,7 +374,8 @@ class _Run:
         if not self.info.is_main:
             return
         save_training_state(self.ckpt_path, {
-            "head": self.model.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "modules": {name: getattr(self.model, name).state_dict() for name in self.trained_modules},
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": self.step, "micro": micro,
             "rng": rng_states(), "history": self.history, "config": dataclasses.asdict(self.cfg),
             "labels": self.vocab.labels,
@@ -581,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio-range", default="0.9,2.0", help="LSJ scale range (LVIS used 0.1,2.0)")
     p.add_argument("--no-augment", action="store_true", help="no LSJ: the inference resize only")
     p.add_argument("--cache-features", action="store_true", help="with --no-augment: compute frozen features once")
+    p.add_argument("--train-all", action="store_true",
+                   help="pretrain from scratch: also train the CLIP trunk and SAM2CLIP neck (not the OVSAM recipe)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: DEVICE or the local GPU)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -609,7 +626,7 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneC
         milestones=floats(args.milestones) if args.milestones is not None else d.milestones,
         gamma=args.gamma, max_norm=args.max_norm or None, num_points=args.num_points,
         num_proposals=args.num_proposals, num_box_prompts=args.num_box_prompts, augment=not args.no_augment,
-        ratio_range=floats(args.ratio_range), cache_features=args.cache_features, seed=args.seed, device=args.device,
+        ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, seed=args.seed, device=args.device,
         amp=not args.no_amp, workers=args.workers, resume=args.resume, checkpoint_interval=args.checkpoint_interval,
         eval_prompts=tuple(s.strip() for s in args.eval_prompts.split(",") if s.strip()), eval_before=args.eval_before,
         max_eval_images=args.max_eval_images, progress=not args.no_progress, tensorboard=not args.no_tensorboard,

@@ -232,3 +232,29 @@ def test_cached_features_train_exactly_like_recomputed_ones(world, tmp_path):
     cached = read_csv_log(tmp_path / "cached" / "logs" / "train.csv")
     plain = read_csv_log(tmp_path / "plain" / "logs" / "train.csv")
     np.testing.assert_allclose([r["loss"] for r in cached], [r["loss"] for r in plain], rtol=1e-5)
+
+
+def test_train_all_trains_trunk_and_neck_and_resumes_exactly(world, tmp_path):
+    """Pretraining from scratch (the demo model's path): every module but the prompt encoder learns."""
+    from ovsam.artifact import load_artifact
+
+    finetune(_cfg(world, tmp_path / "full", train_all=True))
+    base = load_artifact(world["artifact"]).model.state_dict()
+    full = load_artifact(tmp_path / "full" / "model.safetensors").model.state_dict()
+    assert not torch.equal(base["trunk.visual.conv1.weight"], full["trunk.visual.conv1.weight"])
+    assert not torch.equal(base["neck.blocks.0.attn.qkv.weight"], full["neck.blocks.0.attn.qkv.weight"])
+    assert torch.equal(base["neck.pos_embed"], full["neck.pos_embed"])  # a buffer: SAM's, never trained
+    assert torch.equal(base["prompt_encoder.point_embeddings.0.weight"], full["prompt_encoder.point_embeddings.0.weight"])
+
+    def crash_after_epoch_1(event):
+        if event["event"] == "epoch_end" and event.get("epoch") == 1:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        finetune(_cfg(world, tmp_path / "a", train_all=True), on_progress=crash_after_epoch_1)
+    finetune(_cfg(world, tmp_path / "a", train_all=True, resume=True))
+    resumed = load_artifact(tmp_path / "a" / "model.safetensors").model.state_dict()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    with pytest.raises(ValueError, match="train-all"):
+        _cfg(world, tmp_path, train_all=True, cache_features=True, augment=False)
