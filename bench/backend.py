@@ -28,9 +28,7 @@ import argparse
 import copy
 import io
 import json
-import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +42,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from harness import BackendProcess  # noqa: E402  (bench/ is the script's folder)
 
 FIXTURES = REPO / "tests" / "backend" / "fixtures" / "label_studio"
 TOKEN = "bench-token"
@@ -142,49 +142,6 @@ def build_model(model: str, workdir: Path) -> Path:
     m, te = OVSAM(cfg).eval(), TextEncoder.from_config(cfg).eval()
     vocab = VocabularyBuilder(te, cache_dir=workdir / "vocab").build(["cat", "dog", "car"])
     return save_artifact(workdir / "tiny-bench.safetensors", m, vocab, "tiny-bench", text_encoder=te)
-
-
-class BackendProcess:
-    """``python -m labelstudio_backend`` on a free loopback port."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "labelstudio_backend", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        import httpx
-
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the backend did not start; see {log_path}")
-            try:
-                httpx.get(f"{self.url}/health", timeout=1).raise_for_status()
-                return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-
-    def peak_rss_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            pass
-        return None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 class LocalPredictor:

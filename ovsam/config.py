@@ -177,6 +177,7 @@ PRESETS["demo"] = OVSAMConfig(
     fpn_channels=64,
     head_roi_size=7,
     finest_scale=28.0,
+    use_clip_branch=False,  # its trunk is not CLIP: the attention pool was never aligned with the text tower
 )
 
 

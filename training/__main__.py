@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "vocab": ("training.vocab_cli", "main_vocab", "text embeddings of a label set with a model's text tower"),
     "dump-sam-features": ("training.dump_features", "main_dump_sam_features", "SAM image embeddings for distillation"),
     "distill": ("training.distill", "main_distill", "SAM2CLIP: distil SAM's image encoder into the neck"),
+    "demo-model": ("training.demo_model", "main_demo_model", "reproduce the offline demo model (synthetic data, from scratch)"),
 }
 
 

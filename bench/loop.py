@@ -1,0 +1,445 @@
+"""The active-learning loop, end to end, measured.
+
+A "new project" whose labels the served model has never been trained on: the synthetic shapes of
+``python -m training synth`` under new names (``buoy`` is a circle, ``tile`` a square, ...), so the
+demo model outlines objects well but names them at about chance. Each round:
+
+1. the backend pre-annotates the not yet labelled tasks of the pool (``POST /predict``, automatic mode;
+   each task gets the backend's task score);
+2. the next tasks are picked, lowest task score first (``active``) or at random (``random``);
+3. an annotator accepts them after correcting: the ground truth becomes their annotation, which a
+   stand-in for Label Studio then exports (``/api/projects/<id>/export``) with the images (``/data/upload``);
+4. ``START_TRAINING`` goes to the backend's ``/webhook``: the backend exports, fine-tunes CLIP2SAM with
+   the training package, gates and promotes the new version and serves it (polled through ``/jobs``);
+5. the served model is evaluated on held-out images through the same HTTP API: a click at each
+   object's centre and its box (label accuracy, mask mIoU), and pre-annotation (precision and recall
+   at IoU 0.5, the share of regions an annotator would accept unchanged: right label, IoU >= 0.85).
+
+Both orders run on the same pool and held-out images, each with its own backend and model folder.
+Prints a table per round, writes ``loop.json`` and ``loop.png`` (curves against annotations used).
+
+    .venv/bin/python bench/loop.py [--base labelstudio_backend/default_model/ovsam_demo.safetensors]
+                                   [--rounds 4] [--per-round 12] [--pool 60] [--held-out 30]
+                                   [--orders active,random] [--out bench-loop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from harness import BackendProcess  # noqa: E402  (bench/ is the script's folder)
+
+TOKEN = "loop-token"
+PROJECT_ID = 1
+DEFAULT_BASE = REPO / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
+DEFAULT_CLASSES = "buoy=circle,tile=square,pennant=triangle,starfish=star,donut=ring,plus=cross"
+# Fine-tuning settings of the backend's training jobs (TRAINING_OPTIONS): CLIP2SAM on frozen, cached
+# features, a fixed number of steps per round whatever the data size, as a small team would set it up.
+DEFAULT_TRAINING = {"augment": False, "cache_features": True, "batch_size": 4, "epochs": 10000, "max_steps": 150,
+                    "lr": 1e-3, "max_norm": 1.0, "warmup_steps": 10, "val_fraction": 0.2,
+                    "eval_prompts": ["center", "box"]}
+TARGET_ACCURACY, TARGET_CLICK_MIOU = 0.95, 0.85
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Task:
+    """A synthetic task: its Label Studio JSON and the ground truth an annotator ends up with."""
+
+    id: int
+    url: str
+    width: int
+    height: int
+    result: list[dict[str, Any]]  # the ground-truth brush regions (Label Studio JSON)
+    masks: list[np.ndarray]
+    labels: list[str]
+
+
+def make_split(out: Path, n: int, seed: int, classes: str, upload_dir: int, first_id: int) -> list[Task]:
+    """`python -m training synth` into `out`, with image URLs under Label Studio's /data/upload/<dir>/."""
+    from training.data.brush import decode_brush
+    from training.synth import SynthConfig, _parse_classes, write_dataset
+
+    write_dataset(SynthConfig(out=out, num_images=n, seed=seed, classes=_parse_classes(classes),
+                              image_url_prefix=f"/data/upload/{upload_dir}"), progress=False)
+    tasks = []
+    for i, raw in enumerate(json.loads((out / "tasks.json").read_text())):
+        result = raw["annotations"][0]["result"]
+        w, h = result[0]["original_width"], result[0]["original_height"]
+        masks = [decode_brush(r["value"]["rle"], w, h) for r in result]
+        labels = [r["value"]["brushlabels"][0] for r in result]
+        tasks.append(Task(first_id + i, raw["data"]["image"], w, h, result, masks, labels))
+    return tasks
+
+
+class FakeLabelStudio:
+    """Stands in for Label Studio: serves task images and exports the accepted annotations (token checked)."""
+
+    def __init__(self, image_dirs: dict[str, Path]) -> None:
+        self.image_dirs = image_dirs  # "/data/upload/1" -> folder
+        self.accepted: list[dict[str, Any]] = []
+        self.exports = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.headers.get("Authorization") != f"Token {TOKEN}":
+                    return self._send(401, b'{"detail": "Authentication credentials were not provided."}')
+                path = urlsplit(self.path).path
+                if path == f"/api/projects/{PROJECT_ID}/export":
+                    owner.exports += 1
+                    return self._send(200, json.dumps(owner.accepted).encode(), "application/json")
+                prefix, _, name = path.rpartition("/")
+                folder = owner.image_dirs.get(prefix)
+                if folder is not None and (folder / name).is_file() and "/" not in name:
+                    return self._send(200, (folder / name).read_bytes(), "image/png")
+                self._send(404, b"not found")
+
+            def _send(self, code: int, body: bytes, kind: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def accept(self, task: Task) -> None:
+        """The annotator submits the corrected annotation (here: exactly the ground truth)."""
+        self.accepted.append({
+            "id": task.id, "data": {"image": task.url}, "project": PROJECT_ID,
+            "annotations": [{"id": task.id, "completed_by": 1, "was_cancelled": False, "ground_truth": False,
+                             "result": task.result}],
+            "predictions": [],
+        })
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+# ----------------------------------------------------------------------------- talking to the backend
+
+
+class BackendClient:
+    """Label Studio's side of the ML-backend protocol, as the web app sends it."""
+
+    def __init__(self, url: str, label_config: str, labels: list[str]) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=600)
+        self.label_config = label_config
+        self.some_label = labels[0]  # what the annotator picked on the smart tool; the recognised label wins
+
+    def _predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None) -> dict[str, Any]:
+        body = {"tasks": tasks, "label_config": self.label_config, "project": f"{PROJECT_ID}.0",
+                "params": {"login": None, "password": None, "context": context}}
+        resp = self.http.post("/predict", json=body)
+        if resp.status_code != 200:
+            raise RuntimeError(f"/predict answered {resp.status_code}: {resp.text[:500]}")
+        return resp.json()
+
+    def preannotate(self, tasks: list[Task], chunk: int = 16) -> list[dict[str, Any]]:
+        """Retrieve Predictions for these tasks: one result (regions + task score) per task."""
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(tasks), chunk):
+            part = tasks[i : i + chunk]
+            out += self._predict([{"id": t.id, "data": {"image": t.url}} for t in part], None)["results"]
+        return out
+
+    def click(self, task: Task, x: float, y: float) -> dict[str, Any]:
+        region = {"original_width": task.width, "original_height": task.height, "image_rotation": 0,
+                  "value": {"x": 100 * x / task.width, "y": 100 * y / task.height, "width": 0.5,
+                            "keypointlabels": [self.some_label]},
+                  "is_positive": True, "id": "click", "from_name": "tag_point", "to_name": "image",
+                  "type": "keypointlabels", "origin": "manual"}
+        return self._predict([{"id": task.id, "data": {"image": task.url}}], {"result": [region]})["results"][0]
+
+    def box(self, task: Task, box: np.ndarray) -> dict[str, Any]:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        region = {"original_width": task.width, "original_height": task.height, "image_rotation": 0,
+                  "value": {"x": 100 * x0 / task.width, "y": 100 * y0 / task.height,
+                            "width": 100 * (x1 - x0) / task.width, "height": 100 * (y1 - y0) / task.height,
+                            "rotation": 0, "rectanglelabels": [self.some_label]},
+                  "id": "box", "from_name": "tag_box", "to_name": "image", "type": "rectanglelabels",
+                  "origin": "manual"}
+        return self._predict([{"id": task.id, "data": {"image": task.url}}], {"result": [region]})["results"][0]
+
+    def train(self, poll_s: float = 0.5) -> dict[str, Any]:
+        """START_TRAINING as Label Studio's Train button sends it; waits for the job's end."""
+        resp = self.http.post("/webhook", json={"action": "START_TRAINING",
+                                                "project": {"id": PROJECT_ID, "label_config": self.label_config}})
+        if resp.status_code != 200 or "job" not in resp.json():
+            raise RuntimeError(f"/webhook answered {resp.status_code}: {resp.text[:500]}")
+        job_id = resp.json()["job"]
+        while True:
+            job = self.http.get(f"/jobs/{job_id}").json()
+            if job["status"] not in ("queued", "running"):
+                return job
+            time.sleep(poll_s)
+
+    def served_version(self) -> str:
+        return self.http.get("/health").json().get("model_version", "?")
+
+
+def regions(result: dict[str, Any]) -> tuple[list[np.ndarray], list[str], list[float]]:
+    """Masks, labels and scores of a /predict result's brush regions."""
+    from training.data.brush import decode_brush
+
+    masks, labels, scores = [], [], []
+    for r in result.get("result", []):
+        if r.get("type") != "brushlabels":
+            continue
+        masks.append(decode_brush(r["value"]["rle"], r["original_width"], r["original_height"]))
+        labels.append(r["value"]["brushlabels"][0])
+        scores.append(float(r.get("score", 0.0)))
+    return masks, labels, scores
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_served(client: BackendClient, held_out: list[Task], workers: int = 4) -> dict[str, Any]:
+    """Clicks, boxes and pre-annotation of the held-out tasks, all through the backend's HTTP API."""
+    from training.data.prompts import center_point
+    from training.metrics import DetectionCounts, mask_iou, match_detections
+
+    def one_object(args: tuple[Task, int]) -> tuple[float, bool, float, bool]:
+        task, k = args
+        gt, label = task.masks[k], task.labels[k]
+        x, y = center_point(gt)
+        cm, cl, _ = regions(client.click(task, x + 0.5, y + 0.5))
+        ys, xs = np.nonzero(gt)
+        bm, bl, _ = regions(client.box(task, np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])))
+        click_iou = mask_iou(gt, cm[0]) if cm else 0.0
+        box_iou = mask_iou(gt, bm[0]) if bm else 0.0
+        return click_iou, bool(cl and cl[0] == label), box_iou, bool(bl and bl[0] == label)
+
+    objects = [(t, k) for t in held_out for k in range(len(t.masks))]
+    with ThreadPoolExecutor(workers) as pool:
+        rows = list(pool.map(one_object, objects))
+    counts = DetectionCounts()
+    for task, result in zip(held_out, client.preannotate(held_out)):
+        pm, pl, ps = regions(result)
+        counts = counts + match_detections(np.stack(task.masks), task.labels,
+                                           np.stack(pm) if pm else np.zeros((0, task.height, task.width), bool), pl, ps)
+    arr = np.array(rows, dtype=np.float64)
+    return {
+        "objects": len(rows),
+        "click_accuracy": float(arr[:, 1].mean()), "click_miou": float(arr[:, 0].mean()),
+        "box_accuracy": float(arr[:, 3].mean()), "box_miou": float(arr[:, 2].mean()),
+        "pre_precision": counts.precision, "pre_recall": counts.recall,
+        "pre_accepted_share": counts.acceptance_rate, "pre_regions": counts.num_pred,
+    }
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Round:
+    order: str
+    round: int
+    tasks_annotated: int
+    regions_annotated: int
+    model_version: str
+    promoted: bool | None
+    seconds: float
+    train_seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_met(self) -> bool:
+        return (self.metrics["click_accuracy"] >= TARGET_ACCURACY and self.metrics["click_miou"] >= TARGET_CLICK_MIOU)
+
+
+def pick_next(order: str, remaining: list[Task], client: BackendClient, n: int, rng: random.Random) -> list[Task]:
+    """The next `n` tasks to annotate: lowest task score first (active) or a random draw."""
+    if order == "random":
+        return rng.sample(remaining, min(n, len(remaining)))
+    scores = [float(r.get("score", 0.0)) for r in client.preannotate(remaining)]
+    ranked = sorted(range(len(remaining)), key=lambda i: (scores[i], remaining[i].id))
+    return [remaining[i] for i in ranked[:n]]
+
+
+def run_order(order: str, args: argparse.Namespace, pool: list[Task], held_out: list[Task], image_dirs: dict[str, Path],
+              label_config: str, labels: list[str], work: Path, training: dict[str, Any]) -> list[Round]:
+    """One complete loop with its own Label Studio stand-in, backend process and model folder."""
+    studio = FakeLabelStudio(image_dirs)
+    env = {"MODEL_DIR": str(work / order / "models"), "OVSAM_CHECKPOINT": str(args.base),
+           "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "DEVICE": args.device,
+           "TRAINING_OPTIONS": json.dumps(training), "RECOGNISED_LABEL_WINS": "true", "LOG_LEVEL": "WARNING",
+           "OMP_NUM_THREADS": str(args.threads), "OVSAM_CACHE_DIR": str(work / "cache")}
+    (work / order).mkdir(parents=True, exist_ok=True)
+    backend = BackendProcess(env, work / order / "backend.log")
+    rounds: list[Round] = []
+    try:
+        client = BackendClient(backend.url, label_config, labels)
+        rng = random.Random(args.seed)
+        remaining = list(pool)
+        t0 = time.perf_counter()
+        rounds.append(Round(order, 0, 0, 0, client.served_version(), None, 0.0, 0.0,
+                            evaluate_served(client, held_out)))
+        rounds[-1].seconds = time.perf_counter() - t0
+        print_round(rounds[-1])
+        for r in range(1, args.rounds + 1):
+            t0 = time.perf_counter()
+            for task in pick_next(order, remaining, client, args.per_round, rng):
+                studio.accept(task)
+                remaining.remove(task)
+            t_train = time.perf_counter()
+            job = client.train()
+            t_train = time.perf_counter() - t_train
+            if job["status"] != "succeeded" or not job.get("promoted"):
+                print(f"  [{order}] round {r}: training job {job['status']}: {job['message']} "
+                      f"{json.dumps(job.get('progress', {}))[:400]}", flush=True)
+            metrics = evaluate_served(client, held_out)
+            annotated = studio.accepted
+            rounds.append(Round(order, r, len(annotated), sum(len(t["annotations"][0]["result"]) for t in annotated),
+                                client.served_version(), job.get("promoted"), time.perf_counter() - t0, t_train,
+                                metrics))
+            print_round(rounds[-1])
+    finally:
+        backend.stop()
+        studio.close()
+    return rounds
+
+
+def print_round(r: Round) -> None:
+    m = r.metrics
+    print(f"  {r.order:>6} {r.round:>3} {r.tasks_annotated:>6} {r.regions_annotated:>7}  "
+          f"{m['click_accuracy']:7.3f} {m['click_miou']:7.3f} {m['box_accuracy']:7.3f} {m['box_miou']:7.3f}  "
+          f"{m['pre_precision']:6.3f} {m['pre_recall']:6.3f} {m['pre_accepted_share']:6.3f}  "
+          f"{'-' if r.promoted is None else ('yes' if r.promoted else 'NO'):>4} {r.train_seconds:6.1f} {r.seconds:6.1f}",
+          flush=True)
+
+
+HEADER = ("   order rnd  tasks regions  clk-acc clk-IoU box-acc box-IoU  pre-P  pre-R  accept  prom train-s  round-s")
+
+
+def annotations_to_target(rounds: list[Round]) -> int | None:
+    """Tasks annotated when the target was first met (None: never)."""
+    return next((r.tasks_annotated for r in rounds if r.target_met), None)
+
+
+def plot(results: dict[str, list[Round]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("click_accuracy", "click → label accuracy", TARGET_ACCURACY), ("click_miou", "click mask mIoU", TARGET_CLICK_MIOU),
+              ("box_miou", "box mask mIoU", None), ("pre_recall", "pre-annotation recall @0.5", None),
+              ("pre_precision", "pre-annotation precision @0.5", None),
+              ("pre_accepted_share", "pre-annotated regions accepted unchanged", None)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, title, target) in zip(axes.flat, panels):
+        for order, rounds in results.items():
+            ax.plot([r.tasks_annotated for r in rounds], [r.metrics[key] for r in rounds], marker="o", label=order)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
+        ax.set_title(title)
+        ax.set_xlabel("tasks annotated")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="the model served at the start (artifact)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--per-round", type=int, default=12, help="tasks annotated per round")
+    p.add_argument("--pool", type=int, default=60, help="unlabelled tasks to choose from")
+    p.add_argument("--held-out", type=int, default=30, help="evaluation tasks (never annotated)")
+    p.add_argument("--orders", default="active,random", help="comma list of: active, random")
+    p.add_argument("--classes", default=DEFAULT_CLASSES, help="the project's labels as label=shape pairs")
+    p.add_argument("--training-options", default=None, help="JSON overrides of the training jobs' settings")
+    p.add_argument("--seed", type=int, default=7, help="data seed (the held-out split uses seed+1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the backend process")
+    p.add_argument("--out", type=Path, default=None, help="folder for loop.json, loop.png and the run (default: a temp dir)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    if not orders or any(o not in ("active", "random") for o in orders):
+        raise SystemExit(f"--orders takes active and/or random, got {args.orders!r}")
+    if not args.base.is_file():
+        raise SystemExit(f"no model at {args.base}: train one (scripts/train_demo_model.sh) or pass --base")
+    if args.rounds * args.per_round > args.pool:
+        raise SystemExit(f"--pool {args.pool} is too small for {args.rounds} rounds of {args.per_round} tasks")
+    training = {**DEFAULT_TRAINING, **(json.loads(args.training_options) if args.training_options else {})}
+    out = args.out or Path(tempfile.mkdtemp(prefix="ovsam-loop-"))
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "run"
+
+    started = time.perf_counter()
+    pool = make_split(work / "pool", args.pool, args.seed, args.classes, 1, 1)
+    held_out = make_split(work / "held_out", args.held_out, args.seed + 1, args.classes, 2, 100_001)
+    image_dirs = {"/data/upload/1": work / "pool" / "images", "/data/upload/2": work / "held_out" / "images"}
+    label_config = (work / "pool" / "label_config.xml").read_text()
+    labels = sorted({label for t in pool for label in t.labels})
+    print(f"base model {args.base.name}; labels {labels}; pool {len(pool)} tasks, held-out {len(held_out)} tasks "
+          f"({sum(len(t.masks) for t in held_out)} objects); training {json.dumps(training)}", flush=True)
+    print(HEADER, flush=True)
+    results: dict[str, list[Round]] = {}
+    timings: dict[str, float] = {}
+    for order in orders:
+        t0 = time.perf_counter()
+        results[order] = run_order(order, args, pool, held_out, image_dirs, label_config, labels, work, training)
+        timings[order] = time.perf_counter() - t0
+
+    summary = {
+        order: {
+            "seconds": round(timings[order], 1),
+            "final": rounds[-1].metrics,
+            "target_met_after_last_round": rounds[-1].target_met,
+            "tasks_to_target": annotations_to_target(rounds),
+        }
+        for order, rounds in results.items()
+    }
+    print(f"\ntarget: click accuracy >= {TARGET_ACCURACY}, click mIoU >= {TARGET_CLICK_MIOU}")
+    for order, s in summary.items():
+        print(f"  {order:>6}: {s['seconds']:.0f} s, target after the last round: {'met' if s['target_met_after_last_round'] else 'MISSED'}; "
+              f"tasks annotated to reach it: {s['tasks_to_target'] if s['tasks_to_target'] is not None else 'not reached'}")
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "training_options": training,
+              "total_seconds": round(time.perf_counter() - started, 1), "summary": summary,
+              "rounds": {o: [{**asdict(r), "target_met": r.target_met} for r in rs] for o, rs in results.items()}}
+    (out / "loop.json").write_text(json.dumps(report, indent=2))
+    plot(results, out / "loop.png")
+    print(f"wrote {out / 'loop.json'} and {out / 'loop.png'} ({report['total_seconds']:.0f} s in all)")
+    print(json.dumps({"summary": summary, "total_seconds": report["total_seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""`python -m training demo-model`: reproduce the offline demo model the backend serves by default.
+
+No CLIP or SAM weights can be shipped in the repository or downloaded offline, so the demo model is the
+small `demo` preset trained from scratch, with this project's own code, on `python -m training synth`
+shapes:
+
+1. synthetic training and held-out sets (different seeds);
+2. a random-init model (`ovsam init`) whose random text tower is first spread apart
+   (`training.text_spread`) so that different label names are distinguishable targets;
+3. `finetune --train-all`: trunk, neck and CLIP2SAM head trained together (not the OVSAM recipe, which
+   keeps the trunk and neck frozen; it has no pretrained trunk to keep);
+4. evaluation on the held-out set, and the artifact written in float16 (about 11 MB) with its figures.
+
+A killed run continues where it stopped when started again with the same `--work`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
+SHAPE_LABELS = ("circle", "square", "triangle", "star", "ring", "cross")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training demo-model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact to write (default: the backend's default model)")
+    p.add_argument("--work", type=Path, default=Path("runs/demo-model"), help="data, checkpoints and logs")
+    p.add_argument("--images", type=int, default=1200, help="synthetic training images")
+    p.add_argument("--val-images", type=int, default=60, help="synthetic held-out images")
+    p.add_argument("--steps", type=int, default=6000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--text-steps", type=int, default=300, help="steps of spreading the text tower")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda (default: DEVICE or the local GPU)")
+    p.add_argument("--fp32", action="store_true", help="write float32 weights (twice the size)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _synth(out: Path, n: int, seed: int, progress: bool) -> Path:
+    from training.synth import SynthConfig, write_dataset
+
+    if not (out / "tasks.json").exists():
+        write_dataset(SynthConfig(out=out, num_images=n, seed=seed), progress=progress)
+    return out / "tasks.json"
+
+
+def _base_artifact(path: Path, seed: int, text_steps: int, progress: bool) -> dict:
+    """Random-init demo model with a spread text tower (written once; a rerun reuses it)."""
+    import torch
+
+    from ovsam.artifact import read_artifact_metadata, save_artifact
+    from ovsam.config import get_config
+    from ovsam.model import OVSAM
+    from ovsam.text import TextEncoder
+    from ovsam.vocabulary import VocabularyBuilder
+    from training.text_spread import spread_text_tower
+
+    if path.exists():
+        return read_artifact_metadata(path)["provenance"].get("text_spread", {})
+    torch.manual_seed(seed)
+    cfg = get_config("demo")
+    model, text = OVSAM(cfg), TextEncoder.from_config(cfg)
+    spread = spread_text_tower(text, steps=text_steps, seed=seed, progress=progress)
+    vocabulary = VocabularyBuilder(text, cache_dir=None).build(list(SHAPE_LABELS))
+    save_artifact(path, model, vocabulary, "demo-init",
+                  provenance={"kind": "random-init", "config": "demo", "seed": seed, "text_spread": spread},
+                  text_encoder=text)
+    return spread
+
+
+def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ovsam.artifact import load_artifact, save_artifact
+    from training.finetune import FinetuneConfig, finetune
+
+    work, progress = args.work, not args.no_progress
+    work.mkdir(parents=True, exist_ok=True)
+    train_file = _synth(work / "train", args.images, args.seed, progress)
+    val_file = _synth(work / "val", args.val_images, args.seed + 1, progress)
+    base_path = work / "demo-init.safetensors"
+    spread = _base_artifact(base_path, args.seed, args.text_steps, progress)
+    print(f"text tower: mean |cos| between names {spread.get('mean_abs_cosine_before', float('nan')):.2f} -> "
+          f"{spread.get('mean_abs_cosine_after', float('nan')):.2f}", file=sys.stderr)
+
+    cfg = FinetuneConfig(
+        base=str(base_path), data=str(train_file), val_data=str(val_file), out=str(work / "run"),
+        version="ovsam-demo-1", train_all=True, augment=False, batch_size=args.batch_size, epochs=10_000,
+        max_steps=args.steps, lr=args.lr, weight_decay=0.01, warmup_steps=200, max_norm=1.0,
+        eval_prompts=("center", "box"), seed=args.seed, device=args.device, resume=True,
+        checkpoint_interval=500, progress=progress, command=" ".join(["python -m training demo-model", *(argv or sys.argv[1:])]),
+    )
+    result = finetune(cfg, save=True)
+    trained = load_artifact(result.artifact)
+    provenance = {**result.provenance, "kind": "demo", "text_spread": spread,
+                  "recipe": "python -m training demo-model (training/demo_model.py)",
+                  "data": {"generator": "python -m training synth", "train_images": args.images, "train_seed": args.seed,
+                           "val_images": args.val_images, "val_seed": args.seed + 1}}
+    import torch
+
+    out = save_artifact(args.out, trained.model, trained.vocabulary, trained.version, provenance, result.metrics,
+                        text_encoder=trained.text_encoder, dtype=None if args.fp32 else torch.float16)
+    val = result.metrics.get("val", {})
+    figures = {mode: {k: val[mode][k] for k in ("miou", "accuracy")} for mode in ("center", "box") if mode in val}
+    print(json.dumps({"artifact": str(out), "bytes": out.stat().st_size, "version": trained.version, "held_out": figures}))
+    return 0
