@@ -102,6 +102,11 @@ class FinetuneConfig:
             raise ValueError("--cache-features needs --no-augment: augmented images change every epoch")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise ValueError("batch size, gradient accumulation and epochs must be >= 1")
+        from training.evaluate import PROMPT_MODES  # checked now, not after hours of training
+
+        unknown = [m for m in self.eval_prompts if m not in PROMPT_MODES]
+        if unknown:
+            raise ValueError(f"unknown evaluation prompt mode(s) {unknown}; use {', '.join(PROMPT_MODES)}")
 
     def loss_config(self, image_size: int) -> L.LossConfig:
         return L.LossConfig(self.cls_weight, self.mask_weight, self.dice_weight, self.background_weight,

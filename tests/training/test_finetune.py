@@ -205,6 +205,11 @@ def test_resume_after_a_crash_reaches_the_same_weights(world, tmp_path):
     assert steps == list(range(1, 9))
 
 
+def test_unknown_evaluation_prompt_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown evaluation prompt mode"):
+        FinetuneConfig(base="b", data="d", out=str(tmp_path), eval_prompts=("center", "point"))
+
+
 def test_cached_features_need_no_augmentation(world, tmp_path):
     with pytest.raises(ValueError, match="no-augment"):
         _cfg(world, tmp_path, cache_features=True)

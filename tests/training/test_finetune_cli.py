@@ -13,7 +13,7 @@ from test_finetune_support import LABELS, make_synth, make_tiny_artifact  # noqa
 
 from training.__main__ import COMMANDS, main  # noqa: E402
 
-OURS = ("finetune", "evaluate", "vocab", "dump-sam-features", "distill")
+OURS = ("finetune", "evaluate", "vocab", "dump-sam-features", "distill", "demo-model", "synth")
 
 
 @pytest.mark.parametrize("command", OURS)
