@@ -222,10 +222,22 @@ def regions(result: dict[str, Any]) -> tuple[list[np.ndarray], list[str], list[f
 # ----------------------------------------------------------------------------- evaluation
 
 
+def detection_counts(tasks: list[Task], results: list[dict[str, Any]]) -> Any:
+    """Pre-annotation regions matched to the ground truth (class-aware, IoU 0.5; accepted at IoU 0.85)."""
+    from training.metrics import DetectionCounts, match_detections
+
+    counts = DetectionCounts()
+    for task, result in zip(tasks, results):
+        pm, pl, ps = regions(result)
+        predicted = np.stack(pm) if pm else np.zeros((0, task.height, task.width), bool)
+        counts = counts + match_detections(np.stack(task.masks), task.labels, predicted, pl, ps)
+    return counts
+
+
 def evaluate_served(client: BackendClient, held_out: list[Task], workers: int = 4) -> dict[str, Any]:
     """Clicks, boxes and pre-annotation of the held-out tasks, all through the backend's HTTP API."""
     from training.data.prompts import center_point
-    from training.metrics import DetectionCounts, mask_iou, match_detections
+    from training.metrics import mask_iou
 
     def one_object(args: tuple[Task, int]) -> tuple[float, bool, float, bool]:
         task, k = args
@@ -241,11 +253,7 @@ def evaluate_served(client: BackendClient, held_out: list[Task], workers: int = 
     objects = [(t, k) for t in held_out for k in range(len(t.masks))]
     with ThreadPoolExecutor(workers) as pool:
         rows = list(pool.map(one_object, objects))
-    counts = DetectionCounts()
-    for task, result in zip(held_out, client.preannotate(held_out)):
-        pm, pl, ps = regions(result)
-        counts = counts + match_detections(np.stack(task.masks), task.labels,
-                                           np.stack(pm) if pm else np.zeros((0, task.height, task.width), bool), pl, ps)
+    counts = detection_counts(held_out, client.preannotate(held_out))
     arr = np.array(rows, dtype=np.float64)
     return {
         "objects": len(rows),
@@ -276,13 +284,26 @@ class Round:
         return (self.metrics["click_accuracy"] >= TARGET_ACCURACY and self.metrics["click_miou"] >= TARGET_CLICK_MIOU)
 
 
-def pick_next(order: str, remaining: list[Task], client: BackendClient, n: int, rng: random.Random) -> list[Task]:
-    """The next `n` tasks to annotate: lowest task score first (active) or a random draw."""
+def pick_next(order: str, remaining: list[Task], client: BackendClient, n: int,
+              rng: random.Random) -> tuple[list[Task], list[dict[str, Any]]]:
+    """The next `n` tasks and their pre-annotations: lowest task score first (active) or a random draw.
+
+    Active ordering needs every remaining task pre-annotated (Retrieve Predictions on the whole pool);
+    random ordering pre-annotates only the tasks drawn, as an annotator opening them would see them.
+    """
     if order == "random":
-        return rng.sample(remaining, min(n, len(remaining)))
-    scores = [float(r.get("score", 0.0)) for r in client.preannotate(remaining)]
-    ranked = sorted(range(len(remaining)), key=lambda i: (scores[i], remaining[i].id))
-    return [remaining[i] for i in ranked[:n]]
+        picked = rng.sample(remaining, min(n, len(remaining)))
+        return picked, client.preannotate(picked)
+    results = client.preannotate(remaining)
+    ranked = sorted(range(len(remaining)), key=lambda i: (float(results[i].get("score", 0.0)), remaining[i].id))
+    return [remaining[i] for i in ranked[:n]], [results[i] for i in ranked[:n]]
+
+
+def batch_acceptance(tasks: list[Task], results: list[dict[str, Any]]) -> dict[str, float]:
+    """How much of the pre-annotation of the tasks being labelled an annotator keeps as it is."""
+    counts = detection_counts(tasks, results)
+    return {"batch_regions": counts.num_pred, "batch_accepted": counts.accepted,
+            "batch_objects_accepted_share": counts.accepted / max(1, counts.num_gt)}
 
 
 def run_order(order: str, args: argparse.Namespace, pool: list[Task], held_out: list[Task], image_dirs: dict[str, Path],
@@ -307,7 +328,9 @@ def run_order(order: str, args: argparse.Namespace, pool: list[Task], held_out: 
         print_round(rounds[-1])
         for r in range(1, args.rounds + 1):
             t0 = time.perf_counter()
-            for task in pick_next(order, remaining, client, args.per_round, rng):
+            picked, pre = pick_next(order, remaining, client, args.per_round, rng)
+            batch = batch_acceptance(picked, pre)
+            for task in picked:
                 studio.accept(task)
                 remaining.remove(task)
             t_train = time.perf_counter()
@@ -320,7 +343,7 @@ def run_order(order: str, args: argparse.Namespace, pool: list[Task], held_out: 
             annotated = studio.accepted
             rounds.append(Round(order, r, len(annotated), sum(len(t["annotations"][0]["result"]) for t in annotated),
                                 client.served_version(), job.get("promoted"), time.perf_counter() - t0, t_train,
-                                metrics))
+                                {**metrics, **batch}))
             print_round(rounds[-1])
     finally:
         backend.stop()
@@ -333,11 +356,15 @@ def print_round(r: Round) -> None:
     print(f"  {r.order:>6} {r.round:>3} {r.tasks_annotated:>6} {r.regions_annotated:>7}  "
           f"{m['click_accuracy']:7.3f} {m['click_miou']:7.3f} {m['box_accuracy']:7.3f} {m['box_miou']:7.3f}  "
           f"{m['pre_precision']:6.3f} {m['pre_recall']:6.3f} {m['pre_accepted_share']:6.3f}  "
+          f"{m['batch_objects_accepted_share'] if 'batch_objects_accepted_share' in m else float('nan'):6.3f}  "
           f"{'-' if r.promoted is None else ('yes' if r.promoted else 'NO'):>4} {r.train_seconds:6.1f} {r.seconds:6.1f}",
           flush=True)
 
 
-HEADER = ("   order rnd  tasks regions  clk-acc clk-IoU box-acc box-IoU  pre-P  pre-R  accept  prom train-s  round-s")
+HEADER = ("   order rnd  tasks regions  clk-acc clk-IoU box-acc box-IoU  pre-P  pre-R  accept   kept  prom train-s round-s\n"
+          "  (clk/box: held-out click and box prompts; pre-P/R, accept: held-out pre-annotation precision, recall at\n"
+          "   IoU 0.5 and share of regions kept unchanged; kept: share of the objects in the round's own batch whose\n"
+          "   pre-annotated region the annotator kept unchanged; prom: the round's model was promoted)")
 
 
 def annotations_to_target(rounds: list[Round]) -> int | None:

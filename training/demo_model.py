@@ -4,7 +4,8 @@ No CLIP or SAM weights can be shipped in the repository or downloaded offline, s
 small `demo` preset trained from scratch, with this project's own code, on `python -m training synth`
 shapes:
 
-1. synthetic training and held-out sets (different seeds);
+1. a synthetic training set (5% of its tasks held out for the run's own validation) and a separate
+   held-out set with another seed for the final figures;
 2. a random-init model (`ovsam init`) whose random text tower is first spread apart
    (`training.text_spread`) so that different label names are distinguishable targets;
 3. `finetune --train-all`: trunk, neck and CLIP2SAM head trained together (not the OVSAM recipe, which
@@ -30,12 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact to write (default: the backend's default model)")
     p.add_argument("--work", type=Path, default=Path("runs/demo-model"), help="data, checkpoints and logs")
     p.add_argument("--images", type=int, default=1200, help="synthetic training images")
-    p.add_argument("--val-images", type=int, default=60, help="synthetic held-out images")
-    p.add_argument("--steps", type=int, default=6000, help="optimiser steps")
+    p.add_argument("--val-images", type=int, default=60, help="synthetic held-out images (final evaluation)")
+    p.add_argument("--data-seed", type=int, default=1, help="seed of the training images (held-out: +1000)")
+    p.add_argument("--epochs", type=int, default=12, help="passes over the training images")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimiser steps (default: --epochs)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--text-steps", type=int, default=300, help="steps of spreading the text tower")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and training order")
     p.add_argument("--device", default=None, help="cpu, cuda (default: DEVICE or the local GPU)")
     p.add_argument("--fp32", action="store_true", help="write float32 weights (twice the size)")
     p.add_argument("--no-progress", action="store_true")
@@ -74,6 +77,19 @@ def _base_artifact(path: Path, seed: int, text_steps: int, progress: bool) -> di
     return spread
 
 
+def _evaluate(trained, tasks_file: Path, report_dir: Path, progress: bool) -> dict:
+    """Click (object centre) and box prompts on the held-out images; writes the usual report and plots."""
+    from training.data.labelstudio_export import load_labelstudio_export_file
+    from training.dataset import make_image_source
+    from training.evaluate import evaluate_model, write_report
+
+    samples, _ = load_labelstudio_export_file(tasks_file)
+    result = evaluate_model(trained.model, trained.vocabulary, samples, make_image_source(tasks_file.parent),
+                            device="cpu", modes=("center", "box"), progress=progress)
+    write_report(result, report_dir, title="OVSAM demo model, held-out synthetic images")
+    return result.metrics
+
+
 def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from ovsam.artifact import load_artifact, save_artifact
@@ -81,31 +97,33 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
 
     work, progress = args.work, not args.no_progress
     work.mkdir(parents=True, exist_ok=True)
-    train_file = _synth(work / "train", args.images, args.seed, progress)
-    val_file = _synth(work / "val", args.val_images, args.seed + 1, progress)
+    train_file = _synth(work / "train", args.images, args.data_seed, progress)
+    held_out_file = _synth(work / "held_out", args.val_images, args.data_seed + 1000, progress)
     base_path = work / "demo-init.safetensors"
     spread = _base_artifact(base_path, args.seed, args.text_steps, progress)
     print(f"text tower: mean |cos| between names {spread.get('mean_abs_cosine_before', float('nan')):.2f} -> "
           f"{spread.get('mean_abs_cosine_after', float('nan')):.2f}", file=sys.stderr)
 
     cfg = FinetuneConfig(
-        base=str(base_path), data=str(train_file), val_data=str(val_file), out=str(work / "run"),
-        version="ovsam-demo-1", train_all=True, augment=False, batch_size=args.batch_size, epochs=10_000,
-        max_steps=args.steps, lr=args.lr, weight_decay=0.01, warmup_steps=200, max_norm=1.0,
+        base=str(base_path), data=str(train_file), val_fraction=0.05, out=str(work / "run"),
+        version="ovsam-demo-1", train_all=True, augment=False, batch_size=args.batch_size, epochs=args.epochs,
+        max_steps=args.steps, lr=args.lr, warmup_steps=200, max_norm=1.0,
         eval_prompts=("center", "box"), seed=args.seed, device=args.device, resume=True,
         checkpoint_interval=500, progress=progress, command=" ".join(["python -m training demo-model", *(argv or sys.argv[1:])]),
     )
     result = finetune(cfg, save=True)
     trained = load_artifact(result.artifact)
+    held_out = _evaluate(trained, held_out_file, work / "held_out_report", progress)
     provenance = {**result.provenance, "kind": "demo", "text_spread": spread,
                   "recipe": "python -m training demo-model (training/demo_model.py)",
-                  "data": {"generator": "python -m training synth", "train_images": args.images, "train_seed": args.seed,
-                           "val_images": args.val_images, "val_seed": args.seed + 1}}
+                  "data": {"generator": "python -m training synth", "train_images": args.images,
+                           "train_seed": args.data_seed, "held_out_images": args.val_images,
+                           "held_out_seed": args.data_seed + 1000}}
     import torch
 
-    out = save_artifact(args.out, trained.model, trained.vocabulary, trained.version, provenance, result.metrics,
+    out = save_artifact(args.out, trained.model, trained.vocabulary, trained.version, provenance,
+                        {**result.metrics, "held_out": held_out},
                         text_encoder=trained.text_encoder, dtype=None if args.fp32 else torch.float16)
-    val = result.metrics.get("val", {})
-    figures = {mode: {k: val[mode][k] for k in ("miou", "accuracy")} for mode in ("center", "box") if mode in val}
+    figures = {mode: {k: held_out[mode][k] for k in ("miou", "accuracy")} for mode in ("center", "box")}
     print(json.dumps({"artifact": str(out), "bytes": out.stat().st_size, "version": trained.version, "held_out": figures}))
     return 0
