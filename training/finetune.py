@@ -93,6 +93,9 @@ class FinetuneConfig:
     # Pretraining from scratch (e.g. the offline demo model): also train the CLIP trunk and the SAM2CLIP neck.
     # Not the OVSAM recipe, which keeps both frozen; only for models without pretrained CLIP/SAM weights.
     train_all: bool = False
+    # False: only the recognition side (FPN, RoI head) trains and the masks stay exactly as they are. For a
+    # project with few annotations whose objects the model already outlines well (new names, same kinds of objects).
+    train_mask_decoder: bool = True
     command: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -142,6 +145,7 @@ class CLIP2SAMTrainStep(nn.Module):
         self.register_buffer("text_embeddings", text_embeddings.float(), persistent=False)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self.image_side_trains = any(p.requires_grad for p in (*model.trunk.parameters(), *model.neck.parameters()))
+        self.decoder_trains = any(p.requires_grad for p in model.head.mask_decoder.parameters())
 
     def forward(self, batch: Dict[str, Any], feats: Optional[List[torch.Tensor]] = None,
                 embedding: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
@@ -156,6 +160,8 @@ class CLIP2SAMTrainStep(nn.Module):
         rois = boxes_to_rois(batch["boxes"].float(), image_index)
         logits = m.head.classify(pyramid, rois, self.text_embeddings)
         dec = torch.nonzero(batch["has_mask"], as_tuple=True)[0]  # box-only instances train only the classifier
+        if not self.decoder_trains:
+            dec = dec[:0]  # no mask loss can change anything: skip decoding
         low_res = embedding.new_zeros(0, 1, m.cfg.low_res_size, m.cfg.low_res_size)
         if dec.numel():
             sparse, dense = self.encode_prompts(batch, dec)
@@ -318,6 +324,8 @@ class _Run:
             model.head.label_mlp.requires_grad_(False)
         else:
             check_frozen(model)
+        if not cfg.train_mask_decoder:
+            model.head.mask_decoder.requires_grad_(False)
         self.vocab = project_vocabulary(self.base, data.labels, data.synonyms,
                                         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None)
         train, self.val_samples = split_data(data, cfg, val_data)
@@ -603,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-features", action="store_true", help="with --no-augment: compute frozen features once")
     p.add_argument("--train-all", action="store_true",
                    help="pretrain from scratch: also train the CLIP trunk and SAM2CLIP neck (not the OVSAM recipe)")
+    p.add_argument("--freeze-mask-decoder", action="store_true",
+                   help="train recognition only (FPN + RoI head); masks stay as the base model makes them")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: DEVICE or the local GPU)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -631,7 +641,7 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneC
         milestones=floats(args.milestones) if args.milestones is not None else d.milestones,
         gamma=args.gamma, max_norm=args.max_norm or None, num_points=args.num_points,
         num_proposals=args.num_proposals, num_box_prompts=args.num_box_prompts, augment=not args.no_augment,
-        ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, seed=args.seed, device=args.device,
+        ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, train_mask_decoder=not args.freeze_mask_decoder, seed=args.seed, device=args.device,
         amp=not args.no_amp, workers=args.workers, resume=args.resume, checkpoint_interval=args.checkpoint_interval,
         eval_prompts=tuple(s.strip() for s in args.eval_prompts.split(",") if s.strip()), eval_before=args.eval_before,
         max_eval_images=args.max_eval_images, progress=not args.no_progress, tensorboard=not args.no_tensorboard,

@@ -239,6 +239,14 @@ def test_cached_features_train_exactly_like_recomputed_ones(world, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in cached], [r["loss"] for r in plain], rtol=1e-5)
 
 
+def test_frozen_mask_decoder_keeps_masks_and_trains_recognition(world, tmp_path):
+    finetune(_cfg(world, tmp_path / "run", augment=False, cache_features=True, max_steps=4, train_mask_decoder=False))
+    before, after = _head(world["artifact"]), _head(tmp_path / "run" / "model.safetensors")
+    decoder = [k for k in before if k.startswith("mask_decoder.")]
+    assert decoder and all(torch.equal(before[k], after[k]) for k in decoder)
+    assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("mask_decoder."))
+
+
 def test_train_all_trains_trunk_and_neck_and_resumes_exactly(world, tmp_path):
     """Pretraining from scratch (the demo model's path): every module but the prompt encoder learns."""
     from ovsam.artifact import load_artifact
