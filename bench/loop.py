@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -315,7 +316,8 @@ def run_order(order: str, args: argparse.Namespace, pool: list[Task], held_out: 
            "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "DEVICE": args.device,
            "TRAINING_OPTIONS": json.dumps(training), "RECOGNISED_LABEL_WINS": "true", "LOG_LEVEL": "WARNING",
            "OMP_NUM_THREADS": str(args.threads), "OVSAM_CACHE_DIR": str(work / "cache")}
-    (work / order).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / order, ignore_errors=True)  # a fresh MODEL_DIR: nothing promoted by an earlier run
+    (work / order).mkdir(parents=True)
     backend = BackendProcess(env, work / order / "backend.log")
     rounds: list[Round] = []
     try:

@@ -58,8 +58,9 @@ def test_shipped_demo_model_segments_and_names_unseen_synthetic_shapes(tmp_path)
     metrics = evaluate_model(loaded.model, loaded.vocabulary, samples, images, device="cpu").metrics
     assert metrics["num_instances"] > 30
     assert metrics["center"]["miou"] >= MIN_CLICK_MIOU and metrics["center"]["accuracy"] >= MIN_CLICK_ACCURACY, metrics
-    assert metrics["box"]["miou"] >= MIN_CLICK_MIOU, metrics
+    assert metrics["box"]["miou"] >= MIN_BOX_MIOU, metrics
 
 
-# Floors a little under what the shipped model measures on such images (see the closing figures in its metrics).
-MIN_CLICK_MIOU, MIN_CLICK_ACCURACY = 0.0, 0.0
+# Floors under what the shipped model measures on these 12 images (51 objects): click mIoU 0.73, accuracy 0.51
+# (chance: 0.17), box mIoU 0.78. Its figures on 60 held-out images are in the artifact's metrics.
+MIN_CLICK_MIOU, MIN_CLICK_ACCURACY, MIN_BOX_MIOU = 0.65, 0.40, 0.70
