@@ -178,7 +178,7 @@ def backend(label_studio, model_choice, tmp_path_factory):
         # A random model's class probabilities are low: keep every instance so regions exist.
         "PREANNOTATION_THRESHOLD": "0.5" if model_choice.trained else "0.0",
         "PREANNOTATION_MAX_REGIONS": "20",
-        "AUTO_POINTS_PER_SIDE": "8",  # CPU-friendly automatic mode; the images hold 2-4 objects
+        "AUTO_POINTS_PER_SIDE": "16",  # the default: with 8 the demo model finds nothing on the 160x120 image
     }
     if model_choice.checkpoint is not None:
         env["OVSAM_CHECKPOINT"] = str(model_choice.checkpoint)
