@@ -250,6 +250,12 @@ class ModelRuntime:
             serving.version, source.kind, serving.path or "built in memory", serving.device,
             time.perf_counter() - start,
         )
+        if source.kind == "default-demo":
+            log.info(
+                "serving the shipped offline DEMO model %s: trained from scratch on synthetic shapes (circle, square, "
+                "triangle, star, ring, cross), no CLIP knowledge; set OVSAM_CHECKPOINT for real OVSAM weights",
+                serving.version,
+            )
         if source.kind == "untrained-tiny":
             log.warning(
                 "no model configured (OVSAM_CHECKPOINT unset, nothing promoted in %s, no shipped demo model at %s): "
