@@ -49,12 +49,12 @@ def test_shipped_demo_model_segments_and_names_unseen_synthetic_shapes(tmp_path)
     from training.data.labelstudio_export import load_labelstudio_export_file
     from training.evaluate import evaluate_model
     from training.synth import SynthConfig, write_dataset
-    from labelstudio_backend.images import ImageLoader, ImageLoaderConfig
+    from training.dataset import make_image_source
 
     write_dataset(SynthConfig(out=tmp_path, num_images=12, seed=4242), progress=False)
     samples, _ = load_labelstudio_export_file(tmp_path / "tasks.json")
     loaded = load_artifact(DEFAULT_OUT)
-    images = ImageLoader(ImageLoaderConfig(local_roots=(str(tmp_path),)))
+    images = make_image_source(tmp_path)
     metrics = evaluate_model(loaded.model, loaded.vocabulary, samples, images, device="cpu").metrics
     assert metrics["num_instances"] > 30
     assert metrics["center"]["miou"] >= MIN_CLICK_MIOU and metrics["center"]["accuracy"] >= MIN_CLICK_ACCURACY, metrics
