@@ -375,6 +375,12 @@ def annotations_to_target(rounds: list[Round]) -> int | None:
     return next((r.tasks_annotated for r in rounds if r.target_met), None)
 
 
+def tasks_to_accuracy(rounds: list[Round], levels: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> dict[str, int | None]:
+    """Tasks annotated when click accuracy first reached each level: how two orderings compare below the target."""
+    return {f"{level:.2f}": next((r.tasks_annotated for r in rounds if r.metrics["click_accuracy"] >= level), None)
+            for level in levels}
+
+
 def plot(results: dict[str, list[Round]], path: Path) -> None:
     import matplotlib
 
@@ -454,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             "final": rounds[-1].metrics,
             "target_met_after_last_round": rounds[-1].target_met,
             "tasks_to_target": annotations_to_target(rounds),
+            "tasks_to_accuracy": tasks_to_accuracy(rounds),
         }
         for order, rounds in results.items()
     }
@@ -461,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     for order, s in summary.items():
         print(f"  {order:>6}: {s['seconds']:.0f} s, target after the last round: {'met' if s['target_met_after_last_round'] else 'MISSED'}; "
               f"tasks annotated to reach it: {s['tasks_to_target'] if s['tasks_to_target'] is not None else 'not reached'}")
+    print("  tasks annotated until click accuracy first reached: "
+          + "; ".join(f"{order} " + ", ".join(f"{lvl}: {'-' if n is None else n}" for lvl, n in s["tasks_to_accuracy"].items())
+                      for order, s in summary.items()))
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "training_options": training,
               "total_seconds": round(time.perf_counter() - started, 1), "summary": summary,
               "rounds": {o: [{**asdict(r), "target_met": r.target_met} for r in rs] for o, rs in results.items()}}

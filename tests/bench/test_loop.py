@@ -31,3 +31,8 @@ def test_one_round_raises_click_accuracy(tmp_path):
     assert after["model_version"] != before["model_version"]
     assert after["metrics"]["click_accuracy"] > before["metrics"]["click_accuracy"], proc.stdout[-3000:]
     assert (tmp_path / "loop.png").stat().st_size > 10_000
+    reached = report["summary"]["random"]["tasks_to_accuracy"]
+    assert set(reached) == {"0.50", "0.60", "0.70", "0.80", "0.90", "0.95"}
+    # Near chance before the round (0 tasks), so a level is either first reached after the round or not at all.
+    assert all(n in (None, 8) for n in reached.values()), reached
+    assert (reached["0.50"] == 8) == (after["metrics"]["click_accuracy"] >= 0.5)

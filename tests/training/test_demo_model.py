@@ -13,12 +13,16 @@ from training.demo_model import DEFAULT_OUT, SHAPE_LABELS, main_demo_model
 def test_recipe_runs_end_to_end_and_resumes(tmp_path, capsys):
     out, work = tmp_path / "demo.safetensors", tmp_path / "work"
     argv = ["--out", str(out), "--work", str(work), "--images", "6", "--val-images", "2", "--steps", "3",
-            "--text-steps", "2", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+            "--text-steps", "2", "--batch-size", "2", "--phase2-images", "4", "--phase2-steps", "2",
+            "--device", "cpu", "--no-progress"]
     assert main_demo_model(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["artifact"] == str(out) and set(record["held_out"]) == {"center", "box"}
     meta = read_artifact_metadata(out)
-    assert meta["provenance"]["kind"] == "demo" and meta["provenance"]["steps"] == 3
+    provenance = meta["provenance"]
+    assert provenance["kind"] == "demo" and provenance["steps"] == 2  # the artifact is phase 2's output
+    assert [p["steps"] for p in provenance["phases"]] == [3, 2] and provenance["data"]["phase2_images"] == 4
+    assert provenance["phases"][1]["hyperparameters"]["num_proposals"] == 16
     assert sorted(meta["vocabulary"]["labels"]) == sorted(SHAPE_LABELS)
     loaded = load_artifact(out)
     assert next(loaded.model.parameters()).dtype == torch.float32  # float16 on disk, float32 in memory
