@@ -5,15 +5,20 @@ small `demo` preset trained from scratch, with this project's own code, on `pyth
 shapes:
 
 1. a synthetic training set (5% of its tasks held out for the run's own validation) and a separate
-   held-out set with another seed for the final figures;
+   held-out set with another seed for the final figures (in the generator's default ``class``
+   appearance, the data a user labels);
 2. a random-init model (`ovsam init`) whose random text tower is first spread apart
    (`training.text_spread`) so that different label names are distinguishable targets;
 3. `finetune --train-all`: trunk, neck and CLIP2SAM head trained together (not the OVSAM recipe, which
-   keeps the trunk and neck frozen; it has no pretrained trunk to keep);
-4. a second, longer phase on a larger fresh synthetic set at a lower learning rate (a from-scratch trunk
+   keeps the trunk and neck frozen; it has no pretrained trunk to keep), first on shapes whose colour and
+   texture say nothing about their class (``--appearance random``), so that the trunk has to learn shape;
+4. a second, longer phase on a larger fresh set of those at a lower learning rate (a from-scratch trunk
    learns shapes far faster at 5e-4 than at 2e-3, whose first phase mostly trains the masks), with 16
    prompts per image instead of 40 (most of the 40 repeat the same few objects; half the step time);
-5. evaluation on the held-out set, and the artifact written in float16 (about 11 MB) with its figures.
+5. a third phase on fresh images in the default ``class`` appearance: a trunk trained only on random
+   colours has learnt to ignore colour, which a class's hue and texture then cannot help to recognise,
+   and a project fine-tuned from the demo model keeps its trunk frozen;
+6. evaluation on the held-out set, and the artifact written in float16 (about 11 MB) with its figures.
 
 A killed run continues where it stopped when started again with the same `--work`.
 """
@@ -22,12 +27,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
 SHAPE_LABELS = ("circle", "square", "triangle", "star", "ring", "cross")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One `finetune --train-all` run of the recipe after the first, on its own fresh synthetic images."""
+
+    number: int
+    images: int
+    appearance: str
+    epochs: int
+    steps: Optional[int]
+    lr: float
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase2-epochs", type=int, default=8)
     p.add_argument("--phase2-steps", type=int, default=None, help="stop phase 2 after this many steps")
     p.add_argument("--phase2-lr", type=float, default=5e-4)
+    p.add_argument("--phase3-images", type=int, default=3000,
+                   help="fresh synthetic images of phase 3, in the class appearance (0: no phase 3)")
+    p.add_argument("--phase3-epochs", type=int, default=8)
+    p.add_argument("--phase3-steps", type=int, default=None, help="stop phase 3 after this many steps")
+    p.add_argument("--phase3-lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0, help="model initialisation and training order")
     p.add_argument("--device", default=None, help="cpu, cuda (default: DEVICE or the local GPU)")
     p.add_argument("--fp32", action="store_true", help="write float32 weights (twice the size)")
@@ -53,11 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _synth(out: Path, n: int, seed: int, progress: bool) -> Path:
+def _synth(out: Path, n: int, seed: int, appearance: str, progress: bool) -> Path:
     from training.synth import SynthConfig, write_dataset
 
     if not (out / "tasks.json").exists():
-        write_dataset(SynthConfig(out=out, num_images=n, seed=seed), progress=progress)
+        write_dataset(SynthConfig(out=out, num_images=n, seed=seed, appearance=appearance), progress=progress)
     return out / "tasks.json"
 
 
@@ -105,8 +127,8 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
 
     work, progress = args.work, not args.no_progress
     work.mkdir(parents=True, exist_ok=True)
-    train_file = _synth(work / "train", args.images, args.data_seed, progress)
-    held_out_file = _synth(work / "held_out", args.val_images, args.data_seed + 1000, progress)
+    train_file = _synth(work / "train", args.images, args.data_seed, "random", progress)
+    held_out_file = _synth(work / "held_out_class", args.val_images, args.data_seed + 1000, "class", progress)
     base_path = work / "demo-init.safetensors"
     spread = _base_artifact(base_path, args.seed, args.text_steps, progress)
     print(f"text tower: mean |cos| between names {spread.get('mean_abs_cosine_before', float('nan')):.2f} -> "
@@ -121,26 +143,35 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
     )
     result = finetune(cfg, save=True)
     phases = [result.provenance]
-    if args.phase2_images > 0:
-        phase2_file = _synth(work / "train2", args.phase2_images, args.data_seed + 1, progress)
-        cfg = replace(cfg, base=result.artifact, data=str(phase2_file), val_fraction=0.02, out=str(work / "run2"),
-                      version="ovsam-demo-2", epochs=args.phase2_epochs, max_steps=args.phase2_steps,
-                      lr=args.phase2_lr, warmup_steps=100, num_proposals=16, num_box_prompts=8)
+    later = [Phase(2, args.phase2_images, "random", args.phase2_epochs, args.phase2_steps, args.phase2_lr),
+             Phase(3, args.phase3_images, "class", args.phase3_epochs, args.phase3_steps, args.phase3_lr)]
+    for phase in (p for p in later if p.images > 0):
+        data = _synth(work / f"train{phase.number}", phase.images, args.data_seed + phase.number - 1,
+                      phase.appearance, progress)
+        cfg = replace(cfg, base=result.artifact, data=str(data), val_fraction=0.02, out=str(work / f"run{phase.number}"),
+                      version=f"ovsam-demo-{len(phases) + 1}", epochs=phase.epochs, max_steps=phase.steps,
+                      lr=phase.lr, warmup_steps=100, num_proposals=16, num_box_prompts=8)
         result = finetune(cfg, save=True)
-        phases.append(result.provenance)
+        phases.append({**result.provenance, "appearance": phase.appearance})
     trained = load_artifact(result.artifact)
     held_out = _evaluate(trained, held_out_file, work / "held_out_report", progress)
+    shape_only_file = _synth(work / "held_out", args.val_images, args.data_seed + 1000, "random", progress)
+    shape_only = _evaluate(trained, shape_only_file, work / "held_out_random_report", progress)
     provenance = {**result.provenance, "kind": "demo", "text_spread": spread, "phases": phases,
                   "recipe": "python -m training demo-model (training/demo_model.py)",
                   "data": {"generator": "python -m training synth", "train_images": args.images,
-                           "train_seed": args.data_seed, "phase2_images": args.phase2_images,
-                           "phase2_seed": args.data_seed + 1, "held_out_images": args.val_images,
-                           "held_out_seed": args.data_seed + 1000}}
+                           "train_seed": args.data_seed, "train_appearance": "random",
+                           "phase2_images": args.phase2_images, "phase2_seed": args.data_seed + 1,
+                           "phase2_appearance": "random", "phase3_images": args.phase3_images,
+                           "phase3_seed": args.data_seed + 2, "phase3_appearance": "class",
+                           "held_out_images": args.val_images, "held_out_seed": args.data_seed + 1000,
+                           "held_out_appearance": "class"}}
     import torch
 
     out = save_artifact(args.out, trained.model, trained.vocabulary, trained.version, provenance,
-                        {**result.metrics, "held_out": held_out},
+                        {**result.metrics, "held_out": held_out, "held_out_random_appearance": shape_only},
                         text_encoder=trained.text_encoder, dtype=None if args.fp32 else torch.float16)
-    figures = {mode: {k: held_out[mode][k] for k in ("miou", "accuracy")} for mode in ("center", "box")}
-    print(json.dumps({"artifact": str(out), "bytes": out.stat().st_size, "version": trained.version, "held_out": figures}))
+    figures = {name: {mode: {k: m[mode][k] for k in ("miou", "accuracy")} for mode in ("center", "box")}
+               for name, m in (("held_out", held_out), ("held_out_random_appearance", shape_only))}
+    print(json.dumps({"artifact": str(out), "bytes": out.stat().st_size, "version": trained.version, **figures}))
     return 0

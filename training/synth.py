@@ -6,6 +6,12 @@ pixels; objects left with < 30% of their area or < 32 px are not drawn at all, s
 painted object is labelled. Background clutter (gradients, noise, faint lines and blobs) is
 never labelled. Every image depends only on (seed, index), so runs are byte-reproducible.
 
+Appearance (``--appearance``): with ``class`` (the default) each class has, like a real category, a
+characteristic hue (classes spread around the colour wheel, each object's hue drawn around its class's,
+so neighbouring classes overlap) and a preferred texture, and its shape never varies: colour narrows a
+click down, shape decides. With ``random`` colour and texture are independent of the class, and shape
+is the only cue (a harder set for stress tests).
+
 Writes: images/img_XXXX.png, tasks.json (Label Studio import with ground-truth brush
 annotations), tasks_unlabelled.json (the same tasks without annotations, for pre-annotation),
 coco.json (COCO instances, RLE) and label_config.xml.
@@ -14,6 +20,7 @@ coco.json (COCO instances, RLE) and label_config.xml.
 from __future__ import annotations
 
 import argparse
+import colorsys
 import json
 import math
 from collections.abc import Sequence
@@ -31,6 +38,9 @@ from training.data.brush import encode_brush
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 TEXTURES = ("solid", "stripes", "dots")
+APPEARANCES = ("class", "random")
+HUE_SPREAD = 0.35  # std of an object's hue around its class's, in units of the hue gap between classes
+PREFERRED_TEXTURE_P = 0.6  # chance that an object wears its class's texture (else any of the others)
 MIN_VISIBLE_FRACTION = 0.3
 MIN_AREA = 32
 _SHIFT = 4  # sub-pixel bits for cv2 drawing
@@ -47,6 +57,7 @@ class SynthConfig:
     classes: tuple[tuple[str, str], ...] = tuple((s, s) for s in SHAPES)  # (label, shape)
     min_objects: int = 2
     max_objects: int = 6
+    appearance: str = "class"
     image_url_prefix: str = "images"
     from_name: str = "tag"
     to_name: str = "image"
@@ -98,10 +109,20 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, angle: float, width: 
     return mask.astype(bool)
 
 
-def _texture(rng: np.random.Generator, width: int, height: int, base: np.ndarray) -> np.ndarray:
-    """An HxWx3 pattern in the object's colours: solid, stripes or dots."""
-    kind = TEXTURES[rng.integers(len(TEXTURES))]
-    other = np.clip(base + rng.choice([-1, 1], 3) * rng.integers(50, 110, 3), 0, 255)
+def _texture(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    base: np.ndarray,
+    kind: str | None = None,
+    other: np.ndarray | None = None,
+) -> np.ndarray:
+    """An HxWx3 pattern in the object's colours: solid, stripes or dots (random kind and second colour
+    unless given)."""
+    if kind is None:
+        kind = TEXTURES[rng.integers(len(TEXTURES))]
+    if other is None:
+        other = np.clip(base + rng.choice([-1, 1], 3) * rng.integers(50, 110, 3), 0, 255)
     out = np.empty((height, width, 3), np.float32)
     out[:] = base
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -157,6 +178,46 @@ def _object_colour(rng: np.random.Generator, background: np.ndarray, mask: np.nd
     return colour
 
 
+@dataclass(frozen=True)
+class ClassStyle:
+    """What a class tends to look like under the ``class`` appearance."""
+
+    hue: float  # 0..1, the centre of the class's hues
+    hue_spread: float  # std of its objects' hues
+    texture: str  # the texture its objects usually wear
+
+
+def class_styles(labels: Sequence[str]) -> dict[str, ClassStyle]:
+    """Hues evenly spaced around the wheel in label order; textures cycle through TEXTURES."""
+    n = max(len(labels), 1)
+    return {
+        label: ClassStyle(hue=i / n, hue_spread=HUE_SPREAD / n, texture=TEXTURES[i % len(TEXTURES)])
+        for i, label in enumerate(labels)
+    }
+
+
+def _styled_texture(
+    rng: np.random.Generator, style: ClassStyle, background: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
+    """The object's pattern: a hue near its class's that stands out from the background under it, its
+    class's texture most of the time, the pattern's second colour a darker or lighter shade of the same hue."""
+    under = background[mask].mean(axis=0)
+    for _ in range(10):
+        hue = (style.hue + rng.normal(0, style.hue_spread)) % 1.0
+        sat, val = rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0)
+        colour = 255 * np.array(colorsys.hsv_to_rgb(hue, sat, val))
+        if np.abs(colour - under).mean() >= 60:
+            break
+    if rng.random() < PREFERRED_TEXTURE_P:
+        kind = style.texture
+    else:
+        others = [t for t in TEXTURES if t != style.texture]
+        kind = others[rng.integers(len(others))]
+    shade = val - 0.35 if val > 0.7 else val + 0.35
+    other = 255 * np.array(colorsys.hsv_to_rgb(hue, sat * 0.8, min(max(shade, 0.0), 1.0)))
+    return _texture(rng, background.shape[1], background.shape[0], colour, kind=kind, other=other)
+
+
 # ----------------------------------------------------------------------------- images
 
 
@@ -167,8 +228,12 @@ def generate_image(
     classes: Sequence[tuple[str, str]],
     min_objects: int,
     max_objects: int,
+    appearance: str = "class",
 ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
     """One RGB uint8 image and its (label, visible mask) objects, bottom-most first."""
+    if appearance not in APPEARANCES:
+        raise ValueError(f"unknown appearance {appearance!r}; known: {', '.join(APPEARANCES)}")
+    styles = class_styles(list(dict.fromkeys(label for label, _ in classes)))
     background = _background(rng, width, height)
     side = min(width, height)
     for _ in range(20):  # redraw until enough objects survive occlusion (else keep the last try)
@@ -185,7 +250,10 @@ def generate_image(
             break
     image = background
     for label, full, visible in kept:
-        texture = _texture(rng, width, height, _object_colour(rng, background, full))
+        if appearance == "class":
+            texture = _styled_texture(rng, styles[label], background, full)
+        else:
+            texture = _texture(rng, width, height, _object_colour(rng, background, full))
         image = np.where(visible[..., None], texture, image)
     image = image + rng.normal(0, 4, image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), [(label, visible) for label, _, visible in kept]
@@ -256,6 +324,8 @@ def write_dataset(cfg: SynthConfig, progress: bool = True) -> dict:
         raise ValueError("no classes")
     if not 1 <= cfg.min_objects <= cfg.max_objects:
         raise ValueError("need 1 <= min_objects <= max_objects")
+    if cfg.appearance not in APPEARANCES:
+        raise ValueError(f"unknown appearance {cfg.appearance!r}; known: {', '.join(APPEARANCES)}")
     labels = list(dict.fromkeys(label for label, _ in cfg.classes))
     category_ids = {label: i + 1 for i, label in enumerate(labels)}
     out = Path(cfg.out)
@@ -265,7 +335,9 @@ def write_dataset(cfg: SynthConfig, progress: bool = True) -> dict:
     tasks, images, annotations = [], [], []
     for index in tqdm(range(cfg.num_images), desc="synth", unit="img", disable=not progress):
         rng = np.random.default_rng([cfg.seed, index])
-        image, objects = generate_image(rng, cfg.width, cfg.height, cfg.classes, cfg.min_objects, cfg.max_objects)
+        image, objects = generate_image(
+            rng, cfg.width, cfg.height, cfg.classes, cfg.min_objects, cfg.max_objects, cfg.appearance
+        )
         name = f"img_{index:04d}.png"
         Image.fromarray(image).save(out / "images" / name, format="PNG")
         result = [_brush_region(index, k, label, mask, cfg) for k, (label, mask) in enumerate(objects)]
@@ -337,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-objects", type=int, default=2)
     p.add_argument("--max-objects", type=int, default=6)
     p.add_argument(
+        "--appearance",
+        choices=APPEARANCES,
+        default="class",
+        help="class: each class has a characteristic hue and texture (default); "
+        "random: colour and texture independent of the class, shape the only cue",
+    )
+    p.add_argument(
         "--image-url-prefix",
         default="images",
         help="prefix of task image URLs, e.g. http://host:8081/images or /data/local-files/?d=synth/images "
@@ -359,6 +438,7 @@ def main_synth(argv: Sequence[str] | None = None) -> int:
         classes=args.classes,
         min_objects=args.min_objects,
         max_objects=args.max_objects,
+        appearance=args.appearance,
         image_url_prefix=args.image_url_prefix,
         from_name=args.from_name,
         to_name=args.to_name,

@@ -140,3 +140,56 @@ def test_module_entry_point_help():
         assert done.returncode == 0, done.stderr
         assert "synth" in done.stdout
     assert "--num-images" in done.stdout
+
+
+def _object_hues(seed: int, appearance: str, n_images: int = 30) -> list[tuple[str, float]]:
+    """(label, circular mean hue in 0..1 of the object's visible pixels) for every object."""
+    import cv2
+
+    from training.synth import generate_image
+
+    out = []
+    classes = tuple((s, s) for s in SHAPES)
+    for index in range(n_images):
+        image, objects = generate_image(np.random.default_rng([seed, index]), 128, 128, classes, 2, 6, appearance)
+        hue = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)[..., 0].astype(np.float64) / 256 * 2 * np.pi
+        for label, mask in objects:
+            out.append((label, float(np.angle(np.exp(1j * hue[mask]).mean()) / (2 * np.pi) % 1.0)))
+    return out
+
+
+def _share_nearest_to_own_class_hue(hues: list[tuple[str, float]]) -> float:
+    from training.synth import class_styles
+
+    styles = class_styles(list(SHAPES))
+    gap = lambda a, b: min(abs(a - b), 1 - abs(a - b))  # noqa: E731
+    nearest = [min(styles, key=lambda l: gap(styles[l].hue, h)) == label for label, h in hues]
+    return sum(nearest) / len(nearest)
+
+
+def test_class_appearance_gives_each_class_its_hue_and_random_appearance_does_not():
+    """Under `class` (the default) an object's hue points to its class most of the time, but not always
+    (neighbouring classes overlap, textures mix shades); under `random` it says about nothing."""
+    class_share = _share_nearest_to_own_class_hue(_object_hues(3, "class"))
+    random_share = _share_nearest_to_own_class_hue(_object_hues(3, "random"))
+    assert 0.6 <= class_share < 0.99, class_share
+    assert random_share < 0.4, random_share
+
+
+def test_appearance_changes_the_pixels_not_the_objects(tmp_path):
+    a = load_labelstudio_export_file(_make(tmp_path / "class") / "tasks.json")[0]
+    b = load_labelstudio_export_file(_make(tmp_path / "random", appearance="random") / "tasks.json")[0]
+    assert [[i.label for i in s.instances] for s in a] == [[i.label for i in s.instances] for s in b]
+    assert all(np.array_equal(x.mask, y.mask) for s, t in zip(a, b) for x, y in zip(s.instances, t.instances))
+    assert (tmp_path / "class/images/img_0000.png").read_bytes() != (tmp_path / "random/images/img_0000.png").read_bytes()
+    assert SynthConfig(out=tmp_path).appearance == "class"
+    with pytest.raises(ValueError, match="unknown appearance"):
+        _make(tmp_path / "bad", appearance="pastel")
+
+
+def test_cli_appearance_option(tmp_path, capsys):
+    assert main_synth(["--out", str(tmp_path / "r"), "--num-images", "1", "--size", "64", "--appearance", "random",
+                       "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
+    with pytest.raises(SystemExit):
+        main_synth(["--out", str(tmp_path / "x"), "--appearance", "pastel"])
