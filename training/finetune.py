@@ -96,6 +96,10 @@ class FinetuneConfig:
     # False: only the recognition side (FPN, RoI head) trains and the masks stay exactly as they are. For a
     # project with few annotations whose objects the model already outlines well (new names, same kinds of objects).
     train_mask_decoder: bool = True
+    # False: the FPN keeps the base model's features and only the RoI projection onto the text space learns
+    # (a linear probe, 4k parameters in the demo model): for a handful of annotations of objects the base model
+    # already tells apart under other names, where retraining the FPN overfits them.
+    train_fpn: bool = True
     command: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -326,6 +330,8 @@ class _Run:
             check_frozen(model)
         if not cfg.train_mask_decoder:
             model.head.mask_decoder.requires_grad_(False)
+        if not cfg.train_fpn:
+            model.head.fpn.requires_grad_(False)
         self.vocab = project_vocabulary(self.base, data.labels, data.synonyms,
                                         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None)
         train, self.val_samples = split_data(data, cfg, val_data)
@@ -613,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrain from scratch: also train the CLIP trunk and SAM2CLIP neck (not the OVSAM recipe)")
     p.add_argument("--freeze-mask-decoder", action="store_true",
                    help="train recognition only (FPN + RoI head); masks stay as the base model makes them")
+    p.add_argument("--freeze-fpn", action="store_true",
+                   help="keep the base model's FPN: only the RoI projection learns (few annotations, known objects)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: DEVICE or the local GPU)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -641,7 +649,7 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneC
         milestones=floats(args.milestones) if args.milestones is not None else d.milestones,
         gamma=args.gamma, max_norm=args.max_norm or None, num_points=args.num_points,
         num_proposals=args.num_proposals, num_box_prompts=args.num_box_prompts, augment=not args.no_augment,
-        ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, train_mask_decoder=not args.freeze_mask_decoder, seed=args.seed, device=args.device,
+        ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, train_mask_decoder=not args.freeze_mask_decoder, train_fpn=not args.freeze_fpn, seed=args.seed, device=args.device,
         amp=not args.no_amp, workers=args.workers, resume=args.resume, checkpoint_interval=args.checkpoint_interval,
         eval_prompts=tuple(s.strip() for s in args.eval_prompts.split(",") if s.strip()), eval_before=args.eval_before,
         max_eval_images=args.max_eval_images, progress=not args.no_progress, tensorboard=not args.no_tensorboard,

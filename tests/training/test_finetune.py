@@ -247,6 +247,24 @@ def test_frozen_mask_decoder_keeps_masks_and_trains_recognition(world, tmp_path)
     assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("mask_decoder."))
 
 
+def test_frozen_fpn_trains_only_the_roi_projection(world, tmp_path):
+    finetune(_cfg(world, tmp_path / "run", augment=False, cache_features=True, max_steps=4, train_mask_decoder=False,
+                  train_fpn=False))
+    before, after = _head(world["artifact"]), _head(tmp_path / "run" / "model.safetensors")
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["roi_conv.weight"], changed
+
+
+def test_cli_freeze_fpn(world, tmp_path):
+    argv = ["--base", str(world["artifact"]), "--data", str(world["data"]["tasks"]), "--label-config",
+            str(world["data"]["config"]), "--out", str(tmp_path / "cli"), "--max-steps", "2", "--batch-size", "1",
+            "--lr", "1e-3", "--max-norm", "1.0", "--val-fraction", "0", "--eval-prompts", "", "--no-augment",
+            "--freeze-mask-decoder", "--freeze-fpn", "--no-progress", "--cache-dir", str(world["root"] / "vocab-cache")]
+    assert main_finetune(argv) == 0
+    before, after = _head(world["artifact"]), _head(tmp_path / "cli" / "model.safetensors")
+    assert sorted(k for k in before if not torch.equal(before[k], after[k])) == ["roi_conv.weight"]
+
+
 def test_train_all_trains_trunk_and_neck_and_resumes_exactly(world, tmp_path):
     """Pretraining from scratch (the demo model's path): every module but the prompt encoder learns."""
     from ovsam.artifact import load_artifact
