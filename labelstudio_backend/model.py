@@ -289,6 +289,7 @@ class OVSAMBackend:
             "confidence_threshold": self.settings.preannotation_threshold,
             "max_instances": self.settings.preannotation_max_regions,
             "points_per_side": self.settings.auto_points_per_side,
+            "stability_threshold": self.settings.auto_stability_threshold,
             "top_k": self.settings.top_k,
         }
         names = {f.name for f in dataclasses.fields(AutomaticConfig)}

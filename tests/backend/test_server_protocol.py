@@ -286,3 +286,19 @@ def test_without_a_model_it_serves_a_flagged_default(make_client: Any, caplog: A
         assert model["kind"] == "untrained-tiny"
         assert model["version"] == "untrained-tiny"
         assert "UNTRAINED" in caplog.text
+
+
+def test_automatic_mode_settings_come_from_the_environment(client: Any) -> None:
+    from labelstudio_backend.config import Settings, SettingsError
+
+    backend = client.app.state.backend
+    assert backend._automatic_config().stability_threshold == 0.9  # the default, as SAM's generator has it
+    saved, backend.settings = backend.settings, Settings.from_env({"AUTO_STABILITY_THRESHOLD": "0.75",
+                                                                   "AUTO_POINTS_PER_SIDE": "8"})
+    try:
+        cfg = backend._automatic_config()
+    finally:
+        backend.settings = saved
+    assert (cfg.stability_threshold, cfg.points_per_side) == (0.75, 8)
+    with pytest.raises(SettingsError, match="AUTO_STABILITY_THRESHOLD"):
+        Settings.from_env({"AUTO_STABILITY_THRESHOLD": "1.5"})
