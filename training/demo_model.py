@@ -155,7 +155,7 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
         phases.append({**result.provenance, "appearance": phase.appearance})
     trained = load_artifact(result.artifact)
     held_out = _evaluate(trained, held_out_file, work / "held_out_report", progress)
-    shape_only_file = _synth(work / "held_out", args.val_images, args.data_seed + 1000, "random", progress)
+    shape_only_file = _synth(work / "held_out_random", args.val_images, args.data_seed + 1000, "random", progress)
     shape_only = _evaluate(trained, shape_only_file, work / "held_out_random_report", progress)
     provenance = {**result.provenance, "kind": "demo", "text_spread": spread, "phases": phases,
                   "recipe": "python -m training demo-model (training/demo_model.py)",
