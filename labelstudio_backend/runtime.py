@@ -252,9 +252,9 @@ class ModelRuntime:
         )
         if source.kind == "default-demo":
             log.info(
-                "serving the shipped offline DEMO model %s: trained from scratch on synthetic shapes (circle, square, "
-                "triangle, star, ring, cross), no CLIP knowledge; set OVSAM_CHECKPOINT for real OVSAM weights",
-                serving.version,
+                "serving the shipped offline DEMO model %s: trained from scratch on synthetic shapes (%s), no CLIP "
+                "knowledge; set OVSAM_CHECKPOINT for real OVSAM weights",
+                serving.version, ", ".join(serving.artifact.vocabulary.labels),
             )
         if source.kind == "untrained-tiny":
             log.warning(

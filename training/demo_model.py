@@ -46,6 +46,10 @@ class Phase:
     steps: Optional[int]
     lr: float
 
+    def seed(self, data_seed: int) -> int:
+        """Phase n draws its images with data_seed + n - 1 (phase 1: data_seed itself)."""
+        return data_seed + self.number - 1
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training demo-model", description=__doc__.split("\n\n")[0])
@@ -146,8 +150,8 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
     later = [Phase(2, args.phase2_images, "random", args.phase2_epochs, args.phase2_steps, args.phase2_lr),
              Phase(3, args.phase3_images, "class", args.phase3_epochs, args.phase3_steps, args.phase3_lr)]
     for phase in (p for p in later if p.images > 0):
-        data = _synth(work / f"train{phase.number}", phase.images, args.data_seed + phase.number - 1,
-                      phase.appearance, progress)
+        data = _synth(work / f"train{phase.number}", phase.images, phase.seed(args.data_seed), phase.appearance,
+                      progress)
         cfg = replace(cfg, base=result.artifact, data=str(data), val_fraction=0.02, out=str(work / f"run{phase.number}"),
                       version=f"ovsam-demo-{len(phases) + 1}", epochs=phase.epochs, max_steps=phase.steps,
                       lr=phase.lr, warmup_steps=100, num_proposals=16, num_box_prompts=8)
@@ -161,9 +165,9 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
                   "recipe": "python -m training demo-model (training/demo_model.py)",
                   "data": {"generator": "python -m training synth", "train_images": args.images,
                            "train_seed": args.data_seed, "train_appearance": "random",
-                           "phase2_images": args.phase2_images, "phase2_seed": args.data_seed + 1,
-                           "phase2_appearance": "random", "phase3_images": args.phase3_images,
-                           "phase3_seed": args.data_seed + 2, "phase3_appearance": "class",
+                           **{f"phase{p.number}_{key}": value for p in later
+                              for key, value in (("images", p.images), ("seed", p.seed(args.data_seed)),
+                                                 ("appearance", p.appearance))},
                            "held_out_images": args.val_images, "held_out_seed": args.data_seed + 1000,
                            "held_out_appearance": "class"}}
     import torch

@@ -277,28 +277,24 @@ def test_basic_auth_is_enforced_on_every_endpoint(make_client: Any, helpers: Any
 def test_without_a_model_it_serves_a_flagged_default(make_client: Any, caplog: Any) -> None:
     from labelstudio_backend.runtime import DEFAULT_MODEL_PATH
 
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         client = make_client(OVSAM_CHECKPOINT="")
     model = client.get("/health").json()["model"]
     if DEFAULT_MODEL_PATH.is_file():
         assert model["kind"] == "default-demo"
+        assert "DEMO model" in caplog.text and "circle, cross, ring" in caplog.text  # its labels, from its vocabulary
     else:
         assert model["kind"] == "untrained-tiny"
         assert model["version"] == "untrained-tiny"
         assert "UNTRAINED" in caplog.text
 
 
-def test_automatic_mode_settings_come_from_the_environment(client: Any) -> None:
+def test_automatic_mode_settings_come_from_the_environment(make_client: Any) -> None:
     from labelstudio_backend.config import Settings, SettingsError
 
-    backend = client.app.state.backend
-    assert backend._automatic_config().stability_threshold == 0.9  # the default, as SAM's generator has it
-    saved, backend.settings = backend.settings, Settings.from_env({"AUTO_STABILITY_THRESHOLD": "0.75",
-                                                                   "AUTO_POINTS_PER_SIDE": "8"})
-    try:
-        cfg = backend._automatic_config()
-    finally:
-        backend.settings = saved
+    default = make_client().app.state.backend._automatic_config()
+    assert default.stability_threshold == 0.9  # as SAM's automatic mask generator has it
+    cfg = make_client(AUTO_STABILITY_THRESHOLD="0.75", AUTO_POINTS_PER_SIDE="8").app.state.backend._automatic_config()
     assert (cfg.stability_threshold, cfg.points_per_side) == (0.75, 8)
     with pytest.raises(SettingsError, match="AUTO_STABILITY_THRESHOLD"):
         Settings.from_env({"AUTO_STABILITY_THRESHOLD": "1.5"})

@@ -170,12 +170,17 @@ def _head(path: Path) -> dict:
     return load_artifact(path).model.head.state_dict()
 
 
+def _cli_argv(world, out: Path, *extra: str) -> list:
+    """`python -m training finetune` arguments for the tiny world (batch 1, no validation), plus `extra`."""
+    return ["--base", str(world["artifact"]), "--data", str(world["data"]["tasks"]), "--label-config",
+            str(world["data"]["config"]), "--out", str(out), "--batch-size", "1", "--lr", "1e-3", "--max-norm", "1.0",
+            "--val-fraction", "0", "--eval-prompts", "", "--no-progress", "--cache-dir", str(world["root"] / "vocab-cache"),
+            *extra]
+
+
 def test_resume_after_a_crash_reaches_the_same_weights(world, tmp_path):
     # Uninterrupted, through the CLI (LSJ on, 4 images, batch 1: 4 steps per epoch, 8 steps).
-    argv = ["--base", str(world["artifact"]), "--data", str(world["data"]["tasks"]), "--label-config",
-            str(world["data"]["config"]), "--out", str(tmp_path / "full"), "--epochs", "2", "--batch-size", "1",
-            "--lr", "1e-3", "--max-norm", "1.0", "--val-fraction", "0", "--eval-prompts", "", "--no-progress",
-            "--cache-dir", str(world["root"] / "vocab-cache")]
+    argv = _cli_argv(world, tmp_path / "full", "--epochs", "2")
     assert main_finetune(argv) == 0
     full = _head(tmp_path / "full" / "model.safetensors")
     log = (tmp_path / "full" / "logs" / "train.csv").read_text().splitlines()
@@ -256,10 +261,7 @@ def test_frozen_fpn_trains_only_the_roi_projection(world, tmp_path):
 
 
 def test_cli_freeze_fpn(world, tmp_path):
-    argv = ["--base", str(world["artifact"]), "--data", str(world["data"]["tasks"]), "--label-config",
-            str(world["data"]["config"]), "--out", str(tmp_path / "cli"), "--max-steps", "2", "--batch-size", "1",
-            "--lr", "1e-3", "--max-norm", "1.0", "--val-fraction", "0", "--eval-prompts", "", "--no-augment",
-            "--freeze-mask-decoder", "--freeze-fpn", "--no-progress", "--cache-dir", str(world["root"] / "vocab-cache")]
+    argv = _cli_argv(world, tmp_path / "cli", "--max-steps", "2", "--no-augment", "--freeze-mask-decoder", "--freeze-fpn")
     assert main_finetune(argv) == 0
     before, after = _head(world["artifact"]), _head(tmp_path / "cli" / "model.safetensors")
     assert sorted(k for k in before if not torch.equal(before[k], after[k])) == ["roi_conv.weight"]
