@@ -35,8 +35,8 @@ from typing import Optional, Sequence
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
 SHAPE_LABELS = ("circle", "square", "triangle", "star", "ring", "cross")
-# Phases after the first: number -> (fresh images, appearance, epochs, learning rate), the CLI defaults.
-LATER_PHASES = {2: (3000, "random", 8, 5e-4), 3: (3000, "class", 8, 5e-4), 4: (5000, "class", 8, 3e-4)}
+FIRST_APPEARANCE = "random"  # phase 1: shape is the only cue, so the trunk has to learn shape
+HELD_OUT_APPEARANCE = "class"  # the generator's default: the data a user labels
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,11 @@ class Phase:
         return data_seed + self.number - 1
 
 
+# Phases after the first, as the CLI's defaults (each `--phaseN-images/-epochs/-steps/-lr` overrides its own).
+LATER_PHASES = (Phase(2, 3000, "random", 8, None, 5e-4), Phase(3, 3000, "class", 8, None, 5e-4),
+                Phase(4, 5000, "class", 8, None, 3e-4))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training demo-model", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact to write (default: the backend's default model)")
@@ -67,12 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--text-steps", type=int, default=300, help="steps of spreading the text tower")
-    for n, (images, appearance, epochs, lr) in LATER_PHASES.items():
-        p.add_argument(f"--phase{n}-images", type=int, default=images,
-                       help=f"fresh synthetic images of phase {n}, in the {appearance} appearance (0: no phase {n})")
-        p.add_argument(f"--phase{n}-epochs", type=int, default=epochs)
-        p.add_argument(f"--phase{n}-steps", type=int, default=None, help=f"stop phase {n} after this many steps")
-        p.add_argument(f"--phase{n}-lr", type=float, default=lr)
+    for ph in LATER_PHASES:
+        n = ph.number
+        p.add_argument(f"--phase{n}-images", type=int, default=ph.images,
+                       help=f"fresh synthetic images of phase {n}, in the {ph.appearance} appearance (0: no phase {n})")
+        p.add_argument(f"--phase{n}-epochs", type=int, default=ph.epochs)
+        p.add_argument(f"--phase{n}-steps", type=int, default=ph.steps, help=f"stop phase {n} after this many steps")
+        p.add_argument(f"--phase{n}-lr", type=float, default=ph.lr)
     p.add_argument("--seed", type=int, default=0, help="model initialisation and training order")
     p.add_argument("--device", default=None, help="cpu, cuda (default: DEVICE or the local GPU)")
     p.add_argument("--fp32", action="store_true", help="write float32 weights (twice the size)")
@@ -132,8 +138,8 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
 
     work, progress = args.work, not args.no_progress
     work.mkdir(parents=True, exist_ok=True)
-    train_file = _synth(work / "train", args.images, args.data_seed, "random", progress)
-    held_out_file = _synth(work / "held_out_class", args.val_images, args.data_seed + 1000, "class", progress)
+    train_file = _synth(work / "train", args.images, args.data_seed, FIRST_APPEARANCE, progress)
+    held_out_file = _synth(work / "held_out_class", args.val_images, args.data_seed + 1000, HELD_OUT_APPEARANCE, progress)
     base_path = work / "demo-init.safetensors"
     spread = _base_artifact(base_path, args.seed, args.text_steps, progress)
     print(f"text tower: mean |cos| between names {spread.get('mean_abs_cosine_before', float('nan')):.2f} -> "
@@ -148,9 +154,8 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
     )
     result = finetune(cfg, save=True)
     phases = [result.provenance]
-    later = [Phase(n, getattr(args, f"phase{n}_images"), appearance, getattr(args, f"phase{n}_epochs"),
-                   getattr(args, f"phase{n}_steps"), getattr(args, f"phase{n}_lr"))
-             for n, (_, appearance, _, _) in LATER_PHASES.items()]
+    later = [replace(ph, **{key: getattr(args, f"phase{ph.number}_{key}") for key in ("images", "epochs", "steps", "lr")})
+             for ph in LATER_PHASES]
     for phase in (p for p in later if p.images > 0):
         data = _synth(work / f"train{phase.number}", phase.images, phase.seed(args.data_seed), phase.appearance,
                       progress)
@@ -166,12 +171,12 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
     provenance = {**result.provenance, "kind": "demo", "text_spread": spread, "phases": phases,
                   "recipe": "python -m training demo-model (training/demo_model.py)",
                   "data": {"generator": "python -m training synth", "train_images": args.images,
-                           "train_seed": args.data_seed, "train_appearance": "random",
+                           "train_seed": args.data_seed, "train_appearance": FIRST_APPEARANCE,
                            **{f"phase{p.number}_{key}": value for p in later
                               for key, value in (("images", p.images), ("seed", p.seed(args.data_seed)),
                                                  ("appearance", p.appearance))},
                            "held_out_images": args.val_images, "held_out_seed": args.data_seed + 1000,
-                           "held_out_appearance": "class"}}
+                           "held_out_appearance": HELD_OUT_APPEARANCE}}
     import torch
 
     out = save_artifact(args.out, trained.model, trained.vocabulary, trained.version, provenance,

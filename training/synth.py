@@ -178,6 +178,11 @@ def _object_colour(rng: np.random.Generator, background: np.ndarray, mask: np.nd
     return colour
 
 
+def check_appearance(appearance: str) -> None:
+    if appearance not in APPEARANCES:
+        raise ValueError(f"unknown appearance {appearance!r}; known: {', '.join(APPEARANCES)}")
+
+
 @dataclass(frozen=True)
 class ClassStyle:
     """What a class tends to look like under the ``class`` appearance."""
@@ -231,8 +236,7 @@ def generate_image(
     appearance: str = "class",
 ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
     """One RGB uint8 image and its (label, visible mask) objects, bottom-most first."""
-    if appearance not in APPEARANCES:
-        raise ValueError(f"unknown appearance {appearance!r}; known: {', '.join(APPEARANCES)}")
+    check_appearance(appearance)
     styles = class_styles(list(dict.fromkeys(label for label, _ in classes)))
     background = _background(rng, width, height)
     side = min(width, height)
@@ -324,8 +328,7 @@ def write_dataset(cfg: SynthConfig, progress: bool = True) -> dict:
         raise ValueError("no classes")
     if not 1 <= cfg.min_objects <= cfg.max_objects:
         raise ValueError("need 1 <= min_objects <= max_objects")
-    if cfg.appearance not in APPEARANCES:
-        raise ValueError(f"unknown appearance {cfg.appearance!r}; known: {', '.join(APPEARANCES)}")
+    check_appearance(cfg.appearance)  # before any file is written
     labels = list(dict.fromkeys(label for label, _ in cfg.classes))
     category_ids = {label: i + 1 for i, label in enumerate(labels)}
     out = Path(cfg.out)
