@@ -51,6 +51,10 @@ class OVSAMConfig:
     head_roi_size: int = 12
     finest_scale: float = 56.0
     logit_scale: float = math.exp(4.6052)
+    # Average the RoI features over the mask's share of each bin instead of the whole box. Not OVSAM's
+    # (its released weights were trained on box averages): for overlapping, non-convex objects the box
+    # holds as much of the neighbours and background as of the object.
+    head_mask_pooling: bool = False
     # Fusion of head and CLIP-branch logits (spec §1.9)
     use_clip_branch: bool = True
     alpha: float = 0.1
@@ -177,6 +181,7 @@ PRESETS["demo"] = OVSAMConfig(
     fpn_channels=64,
     head_roi_size=7,
     finest_scale=28.0,
+    head_mask_pooling=True,
     use_clip_branch=False,  # its trunk is not CLIP: the attention pool was never aligned with the text tower
 )
 

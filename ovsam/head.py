@@ -1,7 +1,7 @@
 """CLIP2SAM: SAM's mask decoder with a label token, plus the FPN + RoIAlign recognition head (spec §1.6-1.7)."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from .config import OVSAMConfig
 from .roi import multi_level_roi_align
 
 FPN_STRIDES = (4, 8, 16, 32)
+MIN_MASK_WEIGHT = 1e-3  # summed bin occupancy below which mask pooling falls back to the box average
 
 
 def cosine_logits(features: torch.Tensor, text_embeddings: torch.Tensor, scale: float) -> torch.Tensor:
@@ -87,11 +88,24 @@ class CLIP2SAMHead(nn.Module):
         bu, cu, hu, wu = upscaled.shape
         return (hyper.unsqueeze(1) @ upscaled.view(bu, cu, hu * wu)).view(bu, 1, hu, wu)
 
-    def roi_embeddings(self, pyramid: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
-        """[N, 5] rois in input pixels -> [N, clip_embed_dim] recognition features."""
-        pooled = multi_level_roi_align(pyramid, rois, self.roi_size, FPN_STRIDES, self.finest_scale)
-        return F.relu(self.roi_conv(pooled)).mean(dim=(2, 3))
+    def roi_embeddings(self, pyramid: Sequence[torch.Tensor], rois: torch.Tensor,
+                       weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, 5] rois in input pixels -> [N, clip_embed_dim] recognition features.
 
-    def classify(self, pyramid: Sequence[torch.Tensor], rois: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        weights: [N, 1, S, S] mask occupancy of the RoI bins (`mask_occupancy`) for mask pooling; a RoI
+        whose mask covers (almost) nothing, e.g. a box-only annotation, falls back to the box average.
+        """
+        pooled = multi_level_roi_align(pyramid, rois, self.roi_size, FPN_STRIDES, self.finest_scale)
+        feats = F.relu(self.roi_conv(pooled))
+        if weights is None:
+            return feats.mean(dim=(2, 3))
+        w = weights.to(feats.dtype)
+        total = w.sum(dim=(2, 3))
+        empty = total < MIN_MASK_WEIGHT
+        w = torch.where(empty.view(-1, 1, 1, 1), torch.ones_like(w), w)
+        return (feats * w).sum(dim=(2, 3)) / w.sum(dim=(2, 3))
+
+    def classify(self, pyramid: Sequence[torch.Tensor], rois: torch.Tensor, text_embeddings: torch.Tensor,
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Head class logits [N, K+1]."""
-        return cosine_logits(self.roi_embeddings(pyramid, rois), text_embeddings, self.logit_scale)
+        return cosine_logits(self.roi_embeddings(pyramid, rois, weights), text_embeddings, self.logit_scale)

@@ -16,7 +16,7 @@ from .config import OVSAMConfig
 from .fusion import fuse_logits
 from .head import CLIP2SAMHead, cosine_logits
 from .neck import SAM2CLIPNeck
-from .roi import boxes_to_rois, masks_to_boxes_exclusive
+from .roi import boxes_to_rois, mask_occupancy, masks_to_boxes_exclusive
 from .transforms import ImageFrame, resize_and_normalize, validate_image
 
 
@@ -154,7 +154,10 @@ class OVSAM(nn.Module):
             head_boxes = self.mask_boxes(low_res)
         batch_idx = image_index if image_index is not None else 0
         rois = boxes_to_rois(head_boxes.float(), batch_idx)
-        head_logits = self.head.classify(pyramid, rois, text_embeddings)
+        weights = None
+        if self.cfg.head_mask_pooling:
+            weights = mask_occupancy(low_res[:, 0] > 0, rois, self.head.roi_size, low_res.shape[-1] / self.cfg.image_size)
+        head_logits = self.head.classify(pyramid, rois, text_embeddings, weights)
         if not self.cfg.use_clip_branch:
             return Recognition(F.log_softmax(head_logits, dim=-1), head_logits, None, rois)
         clip_rois = rois if clip_boxes is None else boxes_to_rois(clip_boxes.float(), batch_idx)

@@ -1,7 +1,7 @@
 """RoI feature extraction with mmdet's SingleRoIExtractor level rule and mmcv's aligned RoIAlign."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torchvision.ops import roi_align
@@ -37,6 +37,24 @@ def multi_level_roi_align(
         )
         out[idx] = pooled.to(out.dtype)
     return out
+
+
+def mask_occupancy(
+    masks: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: int,
+    spatial_scale: float,
+    mask_index: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Share of each RoI bin its mask covers: [N, 1, output_size, output_size], the weights of mask pooling.
+
+    masks: [M, H, W] (bool, uint8 or float) in a frame `spatial_scale` times the rois' one; RoI n reads
+    mask `mask_index[n]` (default: mask n). Same sampling as the features' RoIAlign, so bins line up.
+    """
+    index = torch.arange(rois.shape[0], device=rois.device) if mask_index is None else mask_index
+    mask_rois = torch.cat([index.to(rois.device, torch.float32).view(-1, 1), rois[:, 1:].float()], dim=1)
+    return roi_align(masks.unsqueeze(1).float(), mask_rois, output_size, spatial_scale=spatial_scale,
+                     sampling_ratio=0, aligned=True)
 
 
 def boxes_to_rois(boxes: torch.Tensor, batch_index: int | torch.Tensor = 0) -> torch.Tensor:

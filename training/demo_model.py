@@ -10,7 +10,9 @@ shapes:
 2. a random-init model (`ovsam init`) whose random text tower is first spread apart
    (`training.text_spread`) so that different label names are distinguishable targets;
 3. `finetune --train-all`: trunk, neck and CLIP2SAM head trained together (not the OVSAM recipe, which
-   keeps the trunk and neck frozen; it has no pretrained trunk to keep), first on shapes whose colour and
+   keeps the trunk and neck frozen; it has no pretrained trunk to keep), with the head pooling its RoI
+   features over each object's mask (`head_mask_pooling`: the shapes overlap and most are not boxes, so a
+   box average mixes in neighbours and background), first on shapes whose colour and
    texture say nothing about their class (``--appearance random``), so that the trunk has to learn shape;
 4. a second, longer phase on a larger fresh set of those at a lower learning rate (a from-scratch trunk
    learns shapes far faster at 5e-4 than at 2e-3, whose first phase mostly trains the masks), with 16
@@ -18,8 +20,8 @@ shapes:
 5. a third phase on fresh images in the default ``class`` appearance: a trunk trained only on random
    colours has learnt to ignore colour, which a class's hue and texture then cannot help to recognise,
    and a project fine-tuned from the demo model keeps its trunk frozen;
-6. a fourth, on more fresh ``class`` images at a lower learning rate: every phase's losses were still
-   falling when it ended, and each drop of the learning rate bought the most;
+6. a fourth, on more fresh ``class`` images at a lower learning rate, and a fifth on yet more: every
+   phase's losses were still falling when it ended, and each drop of the learning rate bought the most;
 7. evaluation on the held-out set, and the artifact written in float16 (about 11 MB) with its figures.
 
 A killed run continues where it stopped when started again with the same `--work`.
@@ -57,7 +59,7 @@ class Phase:
 
 # Phases after the first, as the CLI's defaults (each `--phaseN-images/-epochs/-steps/-lr` overrides its own).
 LATER_PHASES = (Phase(2, 3000, "random", 8, None, 5e-4), Phase(3, 3000, "class", 8, None, 5e-4),
-                Phase(4, 5000, "class", 8, None, 3e-4))
+                Phase(4, 5000, "class", 8, None, 3e-4), Phase(5, 3000, "class", 8, None, 3e-4))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +151,7 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
         base=str(base_path), data=str(train_file), val_fraction=0.05, out=str(work / "run"),
         version="ovsam-demo-1", train_all=True, augment=False, batch_size=args.batch_size, epochs=args.epochs,
         max_steps=args.steps, lr=args.lr, warmup_steps=200, max_norm=1.0,
-        eval_prompts=("center", "box"), seed=args.seed, device=args.device, resume=True,
+        eval_prompts=("center", "box"), seed=args.seed, device=args.device, resume=True, head_mask_pooling=True,
         checkpoint_interval=500, progress=progress, command=" ".join(["python -m training demo-model", *(argv or sys.argv[1:])]),
     )
     result = finetune(cfg, save=True)

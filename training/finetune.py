@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from ovsam.artifact import ModelArtifact, save_artifact
 from ovsam.model import OVSAM
-from ovsam.roi import boxes_to_rois
+from ovsam.roi import boxes_to_rois, mask_occupancy
 from ovsam.vocabulary import Vocabulary
 from training import losses as L
 from training.dataset import (CLIP2SAMDataset, ExampleConfig, FeatureStore, TrainingData, collate_examples,
@@ -100,6 +100,9 @@ class FinetuneConfig:
     # (a linear probe, 4k parameters in the demo model): for a handful of annotations of objects the base model
     # already tells apart under other names, where retraining the FPN overfits them.
     train_fpn: bool = True
+    # The head's RoI pooling for this run and the new model: True averages over each object's mask, False over
+    # its box (OVSAM's); None keeps the base model's. Switching it changes what the head reads, so train after.
+    head_mask_pooling: Optional[bool] = None
     command: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -162,7 +165,10 @@ class CLIP2SAMTrainStep(nn.Module):
         pyramid = m.head.pyramid(feats)
         image_index = batch["image_index"]
         rois = boxes_to_rois(batch["boxes"].float(), image_index)
-        logits = m.head.classify(pyramid, rois, self.text_embeddings)
+        weights = None
+        if m.cfg.head_mask_pooling:  # GT masks (in the input frame); box-only instances fall back to the box
+            weights = mask_occupancy(batch["masks"], rois, m.head.roi_size, 1.0, batch["mask_index"])
+        logits = m.head.classify(pyramid, rois, self.text_embeddings, weights)
         dec = torch.nonzero(batch["has_mask"], as_tuple=True)[0]  # box-only instances train only the classifier
         if not self.decoder_trains:
             dec = dec[:0]  # no mask loss can change anything: skip decoding
@@ -322,6 +328,8 @@ class _Run:
         self.data, self.images = data, images or make_image_source(roots)
         self.base = base or load_model_any(cfg.base, device="cpu")
         self.model = model = self.base.model.to(self.dev)
+        if cfg.head_mask_pooling is not None:
+            model.cfg = model.cfg.replace(head_mask_pooling=cfg.head_mask_pooling)
         if cfg.train_all:
             model.trunk.requires_grad_(True)
             model.neck.requires_grad_(True)
@@ -517,7 +525,7 @@ class _Run:
 
 
 RESUME_KEYS = ("base", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "milestones",
-               "gamma", "max_norm", "num_points", "augment", "seed", "val_fraction", "split_seed")
+               "gamma", "max_norm", "num_points", "augment", "seed", "val_fraction", "split_seed", "head_mask_pooling")
 
 
 def _warn_changed(saved: Dict[str, Any], cfg: FinetuneConfig, info: DistInfo) -> None:
@@ -621,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train recognition only (FPN + RoI head); masks stay as the base model makes them")
     p.add_argument("--freeze-fpn", action="store_true",
                    help="keep the base model's FPN: only the RoI projection learns (few annotations, known objects)")
+    p.add_argument("--roi-pooling", choices=("box", "mask"), default=None,
+                   help="average the head's RoI features over the box (OVSAM's) or the object's mask "
+                        "(default: the base model's)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: DEVICE or the local GPU)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -649,7 +660,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneC
         milestones=floats(args.milestones) if args.milestones is not None else d.milestones,
         gamma=args.gamma, max_norm=args.max_norm or None, num_points=args.num_points,
         num_proposals=args.num_proposals, num_box_prompts=args.num_box_prompts, augment=not args.no_augment,
-        ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, train_mask_decoder=not args.freeze_mask_decoder, train_fpn=not args.freeze_fpn, seed=args.seed, device=args.device,
+        ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, train_mask_decoder=not args.freeze_mask_decoder, train_fpn=not args.freeze_fpn,
+        head_mask_pooling=None if args.roi_pooling is None else args.roi_pooling == "mask", seed=args.seed, device=args.device,
         amp=not args.no_amp, workers=args.workers, resume=args.resume, checkpoint_interval=args.checkpoint_interval,
         eval_prompts=tuple(s.strip() for s in args.eval_prompts.split(",") if s.strip()), eval_before=args.eval_before,
         max_eval_images=args.max_eval_images, progress=not args.no_progress, tensorboard=not args.no_tensorboard,

@@ -253,3 +253,24 @@ def test_frame_coordinate_scaling():
     box = frame.boxes_to_input(np.array([1.0, 2.0, 3.0, 4.0]))
     torch.testing.assert_close(box, torch.tensor([1 * rw / 91, 2 * rh / 37, 3 * rw / 91, 4 * rh / 37]))
     torch.testing.assert_close(frame.boxes_to_original(box[None]), torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+
+
+@pytest.mark.parametrize("mask_pooling", [True, False])
+def test_mask_pooling_reads_only_the_mask(cfg, text_embeddings, mask_pooling):
+    """Features inside the mask's box but off the mask move the label only without `head_mask_pooling`."""
+    torch.manual_seed(0)
+    m = OVSAM(cfg.replace(use_clip_branch=False, head_mask_pooling=mask_pooling)).eval()
+    low = torch.full((1, 1, cfg.image_size // 4, cfg.image_size // 4), -5.0)
+    low[0, 0, 4:12, 4:6] = 5.0  # an L: a bar down the left of the box [16, 16, 48, 48] ...
+    low[0, 0, 10:12, 4:12] = 5.0  # ... and along its bottom; the box's top right is off the mask
+    with torch.no_grad():
+        f = m.encode_image(_image(128, 128))
+        rec = m.recognise(f.pyramid, f.c5, low, text_embeddings, torch.ones(K, dtype=torch.bool))
+        moved = []
+        for level, stride in zip(f.pyramid, (4, 8, 16, 32)):
+            level = level.clone()
+            level[..., : 32 // stride, 32 // stride :] += 10 * torch.randn_like(level[..., : 32 // stride, 32 // stride :])
+            moved.append(level)
+        rec_moved = m.recognise(moved, f.c5, low, text_embeddings, torch.ones(K, dtype=torch.bool))
+    torch.testing.assert_close(rec.rois[0, 1:], torch.tensor([16.0, 16.0, 48.0, 48.0]))
+    assert torch.allclose(rec.head_logits, rec_moved.head_logits, atol=1e-5) == mask_pooling

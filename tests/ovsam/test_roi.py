@@ -11,7 +11,7 @@ from torchvision.ops import roi_align
 
 import ovsam
 from ovsam.head import cosine_logits
-from ovsam.roi import boxes_to_rois, map_roi_levels, masks_to_boxes_exclusive, multi_level_roi_align
+from ovsam.roi import boxes_to_rois, map_roi_levels, mask_occupancy, masks_to_boxes_exclusive, multi_level_roi_align
 
 
 STRIDES = (4, 8, 16, 32)
@@ -207,3 +207,19 @@ def test_cosine_logits_matches_numpy():
     cos = np.einsum("nd,kpd->nkp", f, text.numpy()).max(axis=2)
     np.testing.assert_allclose(got[:, :5], 100.0 * cos, rtol=1e-5, atol=1e-4)
     assert (got[:, 5] == 0).all()
+
+
+def test_mask_occupancy_is_the_share_of_each_bin_the_mask_covers():
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 0:8, 0:4] = True  # left half of the box [0, 0, 8, 8]
+    masks[1, 0:8, 0:8] = True
+    rois = torch.tensor([[0.0, 0.0, 0.0, 8.0, 8.0]])
+    left = mask_occupancy(masks, rois, 2, 1.0, mask_index=torch.tensor([0]))
+    torch.testing.assert_close(left[0, 0], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    full = mask_occupancy(masks, rois, 2, 1.0, mask_index=torch.tensor([1]))
+    torch.testing.assert_close(full[0, 0], torch.ones(2, 2))
+    # A stride-4 mask (SAM's low-res logits) read with the input-pixel RoI: its first column is the box's left quarter.
+    low = torch.zeros(1, 4, 4, dtype=torch.bool)
+    low[0, :, 0] = True
+    quarter = mask_occupancy(low, torch.tensor([[0.0, 0.0, 0.0, 16.0, 16.0]]), 4, 0.25)
+    torch.testing.assert_close(quarter[0, 0], torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 4))

@@ -160,8 +160,9 @@ class Crash(Exception):
 def _cfg(world, out: Path, **kw) -> FinetuneConfig:
     settings = dict(epochs=2, batch_size=1, lr=1e-3, max_norm=1.0, val_fraction=0.0, eval_prompts=(), progress=False,
                     tensorboard=False, cache_dir=str(world["root"] / "vocab-cache"))
-    return FinetuneConfig(base=str(world["artifact"]), out=str(out), data=str(world["data"]["tasks"]),
-                          label_config=str(world["data"]["config"]), **{**settings, **kw})
+    settings["base"] = str(world["artifact"])
+    return FinetuneConfig(out=str(out), data=str(world["data"]["tasks"]), label_config=str(world["data"]["config"]),
+                          **{**settings, **kw})
 
 
 def _head(path: Path) -> dict:
@@ -267,6 +268,15 @@ def test_cli_freeze_fpn(world, tmp_path):
     assert sorted(k for k in before if not torch.equal(before[k], after[k])) == ["roi_conv.weight"]
 
 
+def test_cli_roi_pooling_switches_the_new_model_and_default_keeps_the_base(world, tmp_path):
+    from ovsam.artifact import read_artifact_metadata
+
+    assert main_finetune(_cli_argv(world, tmp_path / "mask", "--max-steps", "1", "--no-augment", "--roi-pooling", "mask")) == 0
+    assert read_artifact_metadata(tmp_path / "mask" / "model.safetensors")["config"]["head_mask_pooling"] is True
+    assert main_finetune(_cli_argv(world, tmp_path / "keep", "--max-steps", "1", "--no-augment")) == 0
+    assert read_artifact_metadata(tmp_path / "keep" / "model.safetensors")["config"]["head_mask_pooling"] is False
+
+
 def test_train_all_trains_trunk_and_neck_and_resumes_exactly(world, tmp_path):
     """Pretraining from scratch (the demo model's path): every module but the prompt encoder learns."""
     from ovsam.artifact import load_artifact
@@ -291,3 +301,45 @@ def test_train_all_trains_trunk_and_neck_and_resumes_exactly(world, tmp_path):
         assert torch.equal(full[k], resumed[k]), k
     with pytest.raises(ValueError, match="train-all"):
         _cfg(world, tmp_path, train_all=True, cache_features=True, augment=False)
+
+
+# ------------------------------------------------------------------------------------ mask pooling
+
+
+def test_mask_pooling_classifies_gt_masks_in_training(world, tmp_path):
+    """With `head_mask_pooling` the training step pools each RoI over its GT mask; a box-only instance
+    (no mask) falls back to the box average, and fine-tuning keeps the switch in the new artifact."""
+    from ovsam import get_config
+    from ovsam.artifact import load_artifact
+    from ovsam.roi import boxes_to_rois, mask_occupancy
+    from training.data.types import Instance, Sample
+    from training.dataset import CLIP2SAMDataset, ExampleConfig, collate_examples, load_training_data, make_image_source
+    from training.finetune import CLIP2SAMTrainStep
+    from test_finetune_support import make_tiny_artifact
+
+    base = make_tiny_artifact(tmp_path / "masked.safetensors", head_mask_pooling=True)
+    art = load_artifact(base)
+    assert art.model.cfg.head_mask_pooling
+    data = load_training_data(world["data"]["tasks"])
+    s = data.samples[0]
+    box_only = Instance(s.instances[0].label, None, np.array([2, 2, 60, 50], np.float32), "rectangle")
+    s2 = Sample(s.task_id, s.image_ref, [*s.instances, box_only], s.width, s.height)
+    ds = CLIP2SAMDataset([s2], {l: i for i, l in enumerate(LABELS)}, make_image_source(data.image_root),
+                         ExampleConfig(128, augment=False, seed=3), art.model.cfg)
+    batch = collate_examples([ds[0]])
+    assert (~batch["has_mask"]).any()
+    step = CLIP2SAMTrainStep(art.model.eval(), art.vocabulary.embeddings)
+    with torch.no_grad():
+        logits = step(batch)["logits"]
+        pyramid = art.model.head.pyramid(art.model.trunk(batch["images"]))
+        rois = boxes_to_rois(batch["boxes"], batch["image_index"])
+        weights = mask_occupancy(batch["masks"], rois, art.model.head.roi_size, 1.0, batch["mask_index"])
+        masked = art.model.head.classify(pyramid, rois, step.text_embeddings, weights)
+        boxed = art.model.head.classify(pyramid, rois, step.text_embeddings)
+    torch.testing.assert_close(logits, masked)
+    has = batch["has_mask"]
+    torch.testing.assert_close(logits[~has], boxed[~has])
+    assert not torch.allclose(logits[has], boxed[has])  # real masks change what is pooled
+
+    result = finetune(_cfg(world, tmp_path / "run", base=str(base), augment=False, cache_features=True, max_steps=3))
+    assert load_artifact(result.artifact).model.cfg.head_mask_pooling

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 
@@ -17,15 +17,16 @@ LABELS = ("circle", "square", "triangle", "star", "ring", "cross")
 torch.set_num_threads(1)
 
 
-def make_tiny_artifact(path: Path, labels: Sequence[str] = LABELS, seed: int = 0, version: str = "ovsam_tiny-test") -> Path:
-    """A random `tiny` OVSAM with its own (random) text tower, saved as an artifact."""
+def make_tiny_artifact(path: Path, labels: Sequence[str] = LABELS, seed: int = 0, version: str = "ovsam_tiny-test",
+                       **config: Any) -> Path:
+    """A random `tiny` OVSAM (with `config` overrides) and its own (random) text tower, saved as an artifact."""
     from ovsam import OVSAM, get_config
     from ovsam.artifact import save_artifact
     from ovsam.text import TextEncoder
     from ovsam.vocabulary import VocabularyBuilder
 
     torch.manual_seed(seed)
-    cfg = get_config("tiny")
+    cfg = get_config("tiny", **config)
     model = OVSAM(cfg)
     text = TextEncoder.from_config(cfg)
     vocab = VocabularyBuilder(text, path.parent / "vocab-cache").build(list(labels))
