@@ -49,7 +49,8 @@ def mask_occupancy(
     """Share of each RoI bin its mask covers: [N, 1, output_size, output_size], the weights of mask pooling.
 
     masks: [M, H, W] (bool, uint8 or float) in a frame `spatial_scale` times the rois' one; RoI n reads
-    mask `mask_index[n]` (default: mask n). Same sampling as the features' RoIAlign, so bins line up.
+    mask `mask_index[n]` (default: mask n). The bins are those of the features' RoIAlign, each averaged over
+    its area (adaptive sampling), so a mask at any stride weighs the same feature bins.
     """
     index = torch.arange(rois.shape[0], device=rois.device) if mask_index is None else mask_index
     mask_rois = torch.cat([index.to(rois.device, torch.float32).view(-1, 1), rois[:, 1:].float()], dim=1)

@@ -52,7 +52,7 @@ def test_shipped_demo_model_is_small_documented_and_float16():
     assert provenance["kind"] == "demo" and "demo-model" in provenance["recipe"]
     assert provenance["text_spread"]["mean_abs_cosine_after"] < 0.3
     assert sorted(meta["vocabulary"]["labels"]) == sorted(SHAPE_LABELS)
-    assert meta["config"]["use_clip_branch"] is False
+    assert meta["config"]["use_clip_branch"] is False and meta["config"]["head_mask_pooling"] is True
 
 
 @pytest.mark.slow
@@ -73,7 +73,7 @@ def test_shipped_demo_model_segments_and_names_unseen_synthetic_shapes(tmp_path)
     assert metrics["box"]["miou"] >= MIN_BOX_MIOU, metrics
 
 
-# Floors under what the shipped model (ovsam-demo-4) measures on these 12 images (51 objects, class appearance):
-# click mIoU 0.862, accuracy 0.882 (chance: 0.17), box mIoU 0.870. Its figures on 60 held-out images are in the
+# Floors under what the shipped model (ovsam-demo-5) measures on these 12 images (51 objects, class appearance):
+# click mIoU 0.861, accuracy 0.922 (chance: 0.17), box mIoU 0.879. Its figures on 60 held-out images are in the
 # artifact's metrics.
-MIN_CLICK_MIOU, MIN_CLICK_ACCURACY, MIN_BOX_MIOU = 0.82, 0.82, 0.83
+MIN_CLICK_MIOU, MIN_CLICK_ACCURACY, MIN_BOX_MIOU = 0.82, 0.88, 0.84
