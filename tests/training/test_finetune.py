@@ -315,7 +315,6 @@ def test_mask_pooling_classifies_gt_masks_in_training(world, tmp_path):
     from training.data.types import Instance, Sample
     from training.dataset import CLIP2SAMDataset, ExampleConfig, collate_examples, load_training_data, make_image_source
     from training.finetune import CLIP2SAMTrainStep
-    from test_finetune_support import make_tiny_artifact
 
     base = make_tiny_artifact(tmp_path / "masked.safetensors", head_mask_pooling=True)
     art = load_artifact(base)
