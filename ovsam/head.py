@@ -100,9 +100,8 @@ class CLIP2SAMHead(nn.Module):
         if weights is None:
             return feats.mean(dim=(2, 3))
         w = weights.to(feats.dtype)
-        total = w.sum(dim=(2, 3))
-        empty = total < MIN_MASK_WEIGHT
-        w = torch.where(empty.view(-1, 1, 1, 1), torch.ones_like(w), w)
+        empty = w.sum(dim=(2, 3), keepdim=True) < MIN_MASK_WEIGHT
+        w = torch.where(empty, torch.ones_like(w), w)
         return (feats * w).sum(dim=(2, 3)) / w.sum(dim=(2, 3))
 
     def classify(self, pyramid: Sequence[torch.Tensor], rois: torch.Tensor, text_embeddings: torch.Tensor,

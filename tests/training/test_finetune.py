@@ -309,7 +309,6 @@ def test_train_all_trains_trunk_and_neck_and_resumes_exactly(world, tmp_path):
 def test_mask_pooling_classifies_gt_masks_in_training(world, tmp_path):
     """With `head_mask_pooling` the training step pools each RoI over its GT mask; a box-only instance
     (no mask) falls back to the box average, and fine-tuning keeps the switch in the new artifact."""
-    from ovsam import get_config
     from ovsam.artifact import load_artifact
     from ovsam.roi import boxes_to_rois, mask_occupancy
     from training.data.types import Instance, Sample
