@@ -17,10 +17,13 @@ demo model outlines objects well but names them at about chance. Each round:
 
 Both orders run on the same pool and held-out images, each with its own backend and model folder.
 Prints a table per round, writes ``loop.json`` and ``loop.png`` (curves against annotations used).
+With ``--seeds``, all of it runs on each data seed's own pool and held-out images, and the two orders are
+compared over the seeds: on how many each needed fewer annotations to reach the target, and the mean curves
+(one seed's held-out clicks move accuracy in steps of about 0.01, as much as the orders differ).
 
     .venv/bin/python bench/loop.py [--base labelstudio_backend/default_model/ovsam_demo.safetensors]
                                    [--rounds 4] [--per-round 12] [--pool 60] [--held-out 30]
-                                   [--orders active,random] [--out bench-loop]
+                                   [--orders active,random] [--seed 7 | --seeds 7,8,9] [--out bench-loop]
 """
 
 from __future__ import annotations
@@ -308,7 +311,7 @@ def batch_acceptance(tasks: list[Task], results: list[dict[str, Any]]) -> dict[s
             "batch_objects_accepted_share": counts.accepted / max(1, counts.num_gt)}
 
 
-def run_order(order: str, args: argparse.Namespace, pool: list[Task], held_out: list[Task], image_dirs: dict[str, Path],
+def run_order(order: str, seed: int, args: argparse.Namespace, pool: list[Task], held_out: list[Task], image_dirs: dict[str, Path],
               label_config: str, labels: list[str], work: Path, training: dict[str, Any]) -> list[Round]:
     """One complete loop with its own Label Studio stand-in, backend process and model folder."""
     studio = FakeLabelStudio(image_dirs)
@@ -322,7 +325,7 @@ def run_order(order: str, args: argparse.Namespace, pool: list[Task], held_out: 
     rounds: list[Round] = []
     try:
         client = BackendClient(backend.url, label_config, labels)
-        rng = random.Random(args.seed)
+        rng = random.Random(seed)
         remaining = list(pool)
         t0 = time.perf_counter()
         rounds.append(Round(order, 0, 0, 0, client.served_version(), None, 0.0, 0.0,
@@ -381,7 +384,8 @@ def tasks_to_accuracy(rounds: list[Round], levels: tuple[float, ...] = (0.5, 0.6
             for level in levels}
 
 
-def plot(results: dict[str, list[Round]], path: Path) -> None:
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """Curves against tasks annotated: each data seed's, and their mean when there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,10 +395,20 @@ def plot(results: dict[str, list[Round]], path: Path) -> None:
               ("box_miou", "box mask mIoU", None), ("pre_recall", "pre-annotation recall @0.5", None),
               ("pre_precision", "pre-annotation precision @0.5", None),
               ("pre_accepted_share", "pre-annotated regions accepted unchanged", None)]
+    orders = list(runs[0]["results"])
+    colours = {order: f"C{i}" for i, order in enumerate(orders)}
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, title, target) in zip(axes.flat, panels):
-        for order, rounds in results.items():
-            ax.plot([r.tasks_annotated for r in rounds], [r.metrics[key] for r in rounds], marker="o", label=order)
+        for order in orders:
+            curves = [[r.metrics[key] for r in run["results"][order]] for run in runs]
+            x = [r.tasks_annotated for r in runs[0]["results"][order]]
+            if len(runs) == 1:
+                ax.plot(x, curves[0], marker="o", color=colours[order], label=order)
+                continue
+            for run, curve in zip(runs, curves):
+                ax.plot(x, curve, color=colours[order], alpha=0.25, linewidth=1)
+            ax.plot(x, np.mean(curves, axis=0), marker="o", color=colours[order],
+                    label=f"{order} (mean of {len(runs)} seeds)")
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
         ax.set_title(title)
@@ -405,6 +419,37 @@ def plot(results: dict[str, list[Round]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def compare_orders(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Active against random over the data seeds: which needed fewer tasks to reach the target, and mean curves.
+
+    A seed where an ordering never met the target counts as needing more tasks than any that did.
+    """
+    never = float("inf")
+    active_fewer = random_fewer = ties = 0
+    for run in runs:
+        a = run["summary"]["active"]["tasks_to_target"]
+        b = run["summary"]["random"]["tasks_to_target"]
+        a, b = never if a is None else a, never if b is None else b
+        if a == b:
+            ties += 1
+        elif a < b:
+            active_fewer += 1
+        else:
+            random_fewer += 1
+    mean_curves = {
+        order: {
+            "tasks_annotated": [r.tasks_annotated for r in runs[0]["results"][order]],
+            **{key: [round(float(np.mean([run["results"][order][i].metrics[key] for run in runs])), 4)
+                     for i in range(len(runs[0]["results"][order]))]
+               for key in ("click_accuracy", "click_miou", "box_accuracy")},
+            "target_met_after_last_round": sum(run["summary"][order]["target_met_after_last_round"] for run in runs),
+        }
+        for order in ("active", "random")
+    }
+    return {"seeds": len(runs), "active_fewer_tasks_to_target": active_fewer,
+            "random_fewer_tasks_to_target": random_fewer, "same_tasks_to_target": ties, "mean": mean_curves}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,42 +463,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=DEFAULT_CLASSES, help="the project's labels as label=shape pairs")
     p.add_argument("--training-options", default=None, help="JSON overrides of the training jobs' settings")
     p.add_argument("--seed", type=int, default=7, help="data seed (the held-out split uses seed+1)")
+    p.add_argument("--seeds", default=None,
+                   help="comma list of data seeds: the whole loop on each (fresh data, backends and models), "
+                        "then both orderings compared over all of them (overrides --seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the backend process")
     p.add_argument("--out", type=Path, default=None, help="folder for loop.json, loop.png and the run (default: a temp dir)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
-    if not orders or any(o not in ("active", "random") for o in orders):
-        raise SystemExit(f"--orders takes active and/or random, got {args.orders!r}")
-    if not args.base.is_file():
-        raise SystemExit(f"no model at {args.base}: train one (scripts/train_demo_model.sh) or pass --base")
-    if args.rounds * args.per_round > args.pool:
-        raise SystemExit(f"--pool {args.pool} is too small for {args.rounds} rounds of {args.per_round} tasks")
-    training = {**DEFAULT_TRAINING, **(json.loads(args.training_options) if args.training_options else {})}
-    out = args.out or Path(tempfile.mkdtemp(prefix="ovsam-loop-"))
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "run"
-
-    started = time.perf_counter()
-    pool = make_split(work / "pool", args.pool, args.seed, args.classes, 1, 1)
-    held_out = make_split(work / "held_out", args.held_out, args.seed + 1, args.classes, 2, 100_001)
+def run_seed(seed: int, args: argparse.Namespace, orders: list[str], training: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Every ordering on one data seed's pool and held-out tasks; its per-round results and summary."""
+    pool = make_split(work / "pool", args.pool, seed, args.classes, 1, 1)
+    held_out = make_split(work / "held_out", args.held_out, seed + 1, args.classes, 2, 100_001)
     image_dirs = {"/data/upload/1": work / "pool" / "images", "/data/upload/2": work / "held_out" / "images"}
     label_config = (work / "pool" / "label_config.xml").read_text()
     labels = sorted({label for t in pool for label in t.labels})
-    print(f"base model {args.base.name}; labels {labels}; pool {len(pool)} tasks, held-out {len(held_out)} tasks "
-          f"({sum(len(t.masks) for t in held_out)} objects); training {json.dumps(training)}", flush=True)
+    print(f"\ndata seed {seed}: base model {args.base.name}; labels {labels}; pool {len(pool)} tasks, held-out "
+          f"{len(held_out)} tasks ({sum(len(t.masks) for t in held_out)} objects); training {json.dumps(training)}",
+          flush=True)
     print(HEADER, flush=True)
     results: dict[str, list[Round]] = {}
     timings: dict[str, float] = {}
     for order in orders:
         t0 = time.perf_counter()
-        results[order] = run_order(order, args, pool, held_out, image_dirs, label_config, labels, work, training)
+        results[order] = run_order(order, seed, args, pool, held_out, image_dirs, label_config, labels, work, training)
         timings[order] = time.perf_counter() - t0
-
     summary = {
         order: {
             "seconds": round(timings[order], 1),
@@ -464,20 +499,56 @@ def main(argv: list[str] | None = None) -> int:
         }
         for order, rounds in results.items()
     }
-    print(f"\ntarget: click accuracy >= {TARGET_ACCURACY}, click mIoU >= {TARGET_CLICK_MIOU}")
+    print(f"target: click accuracy >= {TARGET_ACCURACY}, click mIoU >= {TARGET_CLICK_MIOU}")
     for order, s in summary.items():
         print(f"  {order:>6}: {s['seconds']:.0f} s, target after the last round: {'met' if s['target_met_after_last_round'] else 'MISSED'}; "
               f"tasks annotated to reach it: {s['tasks_to_target'] if s['tasks_to_target'] is not None else 'not reached'}")
     print("  tasks annotated until click accuracy first reached: "
           + "; ".join(f"{order} " + ", ".join(f"{lvl}: {'-' if n is None else n}" for lvl, n in s["tasks_to_accuracy"].items())
-                      for order, s in summary.items()))
+                      for order, s in summary.items()), flush=True)
+    return {"seed": seed, "results": results, "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    if not orders or any(o not in ("active", "random") for o in orders):
+        raise SystemExit(f"--orders takes active and/or random, got {args.orders!r}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else [args.seed]
+    except ValueError:
+        raise SystemExit(f"--seeds takes a comma list of integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds needs distinct seeds, got {args.seeds!r}")
+    if not args.base.is_file():
+        raise SystemExit(f"no model at {args.base}: train one (scripts/train_demo_model.sh) or pass --base")
+    if args.rounds * args.per_round > args.pool:
+        raise SystemExit(f"--pool {args.pool} is too small for {args.rounds} rounds of {args.per_round} tasks")
+    training = {**DEFAULT_TRAINING, **(json.loads(args.training_options) if args.training_options else {})}
+    out = args.out or Path(tempfile.mkdtemp(prefix="ovsam-loop-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    runs = [run_seed(seed, args, orders, training, out / "run" / f"seed{seed}") for seed in seeds]
+    comparison = compare_orders(runs) if set(orders) == {"active", "random"} else None
+    if comparison is not None:
+        print(f"\nover {len(seeds)} data seed(s) {seeds}: active ordering needed fewer tasks to reach the target on "
+              f"{comparison['active_fewer_tasks_to_target']}, random on {comparison['random_fewer_tasks_to_target']}, "
+              f"the same on {comparison['same_tasks_to_target']}")
+        for order, m in comparison["mean"].items():
+            print(f"  {order:>6}: mean click accuracy after " + " / ".join(
+                f"{n}: {a:.3f}" for n, a in zip(m["tasks_annotated"], m["click_accuracy"]))
+                  + f" tasks; target met after the last round on {m['target_met_after_last_round']} of {len(seeds)}")
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "training_options": training,
-              "total_seconds": round(time.perf_counter() - started, 1), "summary": summary,
-              "rounds": {o: [{**asdict(r), "target_met": r.target_met} for r in rs] for o, rs in results.items()}}
+              "total_seconds": round(time.perf_counter() - started, 1), "comparison": comparison,
+              "runs": [{"seed": run["seed"], "summary": run["summary"],
+                        "rounds": {o: [{**asdict(r), "target_met": r.target_met} for r in rs]
+                                   for o, rs in run["results"].items()}} for run in runs]}
     (out / "loop.json").write_text(json.dumps(report, indent=2))
-    plot(results, out / "loop.png")
+    plot(runs, out / "loop.png")
     print(f"wrote {out / 'loop.json'} and {out / 'loop.png'} ({report['total_seconds']:.0f} s in all)")
-    print(json.dumps({"summary": summary, "total_seconds": report["total_seconds"]}))
+    print(json.dumps({"comparison": comparison, "summaries": {run["seed"]: run["summary"] for run in runs},
+                      "total_seconds": report["total_seconds"]}))
     return 0
 
 

@@ -13,6 +13,35 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
+sys.path.insert(0, str(REPO / "bench"))
+
+import loop  # noqa: E402  (bench/loop.py)
+
+
+def _run(seed: int, active: list[float], random: list[float], per_round: int = 10) -> dict:
+    """One data seed's results as run_seed returns them, with the given click accuracy after each round."""
+    results, summary = {}, {}
+    for order, accuracy in (("active", active), ("random", random)):
+        rounds = [loop.Round(order, i, i * per_round, 3 * i * per_round, f"v{i}", i > 0 or None, 1.0, 0.5,
+                             {"click_accuracy": a, "click_miou": 0.9, "box_accuracy": a})
+                  for i, a in enumerate(accuracy)]
+        results[order] = rounds
+        summary[order] = {"target_met_after_last_round": rounds[-1].target_met,
+                          "tasks_to_target": loop.annotations_to_target(rounds)}
+    return {"seed": seed, "results": results, "summary": summary}
+
+
+def test_orderings_compared_over_seeds():
+    runs = [_run(1, [0.1, 0.96, 0.97], [0.1, 0.90, 0.96]),  # active reaches the target one round earlier
+            _run(2, [0.1, 0.80, 0.94], [0.1, 0.85, 0.95]),  # only random reaches it
+            _run(3, [0.1, 0.95, 0.95], [0.1, 0.95, 0.99])]  # both after the first round
+    comparison = loop.compare_orders(runs)
+    assert (comparison["active_fewer_tasks_to_target"], comparison["random_fewer_tasks_to_target"],
+            comparison["same_tasks_to_target"]) == (1, 1, 1)
+    assert comparison["mean"]["active"]["tasks_annotated"] == [0, 10, 20]
+    assert comparison["mean"]["active"]["click_accuracy"] == pytest.approx([0.1, 0.9033, 0.9533], abs=1e-4)
+    assert comparison["mean"]["random"]["target_met_after_last_round"] == 3
+    assert comparison["mean"]["active"]["target_met_after_last_round"] == 2
 
 
 @pytest.mark.slow
@@ -24,14 +53,15 @@ def test_one_round_raises_click_accuracy(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "loop.json").read_text())
-    before, after = report["rounds"]["random"]
+    assert [run["seed"] for run in report["runs"]] == [7] and report["comparison"] is None  # one order: nothing to compare
+    before, after = report["runs"][0]["rounds"]["random"]
     assert (before["round"], after["round"]) == (0, 1)
     assert after["tasks_annotated"] == 8 and after["regions_annotated"] > 8
     assert after["promoted"] is True, proc.stdout[-3000:]
     assert after["model_version"] != before["model_version"]
     assert after["metrics"]["click_accuracy"] > before["metrics"]["click_accuracy"], proc.stdout[-3000:]
     assert (tmp_path / "loop.png").stat().st_size > 10_000
-    reached = report["summary"]["random"]["tasks_to_accuracy"]
+    reached = report["runs"][0]["summary"]["random"]["tasks_to_accuracy"]
     assert set(reached) == {"0.50", "0.60", "0.70", "0.80", "0.90", "0.95"}
     # Near chance before the round (0 tasks), so a level is either first reached after the round or not at all.
     assert all(n in (None, 8) for n in reached.values()), reached
