@@ -59,8 +59,7 @@ class Phase:
 
 # Phases after the first, as the CLI's defaults (each `--phaseN-images/-epochs/-steps/-lr` overrides its own).
 LATER_PHASES = (Phase(2, 3000, "random", 8, None, 5e-4), Phase(3, 3000, "class", 8, None, 5e-4),
-                Phase(4, 5000, "class", 8, None, 3e-4), Phase(5, 3000, "class", 8, None, 3e-4),
-                Phase(6, 4000, "class", 6, None, 2e-4))
+                Phase(4, 5000, "class", 8, None, 3e-4), Phase(5, 3000, "class", 8, None, 3e-4))
 
 
 def build_parser() -> argparse.ArgumentParser:
