@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -357,6 +357,30 @@ def run_order(order: str, seed: int, args: argparse.Namespace, pool: list[Task],
     return rounds
 
 
+def measure_ceiling(args: argparse.Namespace, held_out: list[Task], image_dirs: dict[str, Path], work: Path) -> dict[str, Any]:
+    """The base model on the held-out tasks, told that the project's labels are its own shape classes (``buoy`` is
+    its ``circle``, ...): a perfect renaming. Fine-tuning only the recognition side on the base model's frozen
+    features and masks learns at best that, so no round can be expected to beat these figures by more than noise.
+    Through a backend of its own, like the rounds."""
+    from training.synth import _parse_classes, label_config
+
+    shape_of = dict(_parse_classes(args.classes))
+    shapes = list(dict.fromkeys(shape_of.values()))
+    renamed = [replace(t, labels=[shape_of[label] for label in t.labels]) for t in held_out]
+    studio = FakeLabelStudio(image_dirs)
+    env = {"MODEL_DIR": str(work / "ceiling" / "models"), "OVSAM_CHECKPOINT": str(args.base), "DEVICE": args.device,
+           "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "RECOGNISED_LABEL_WINS": "true",
+           "LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(args.threads), "OVSAM_CACHE_DIR": str(work / "cache")}
+    shutil.rmtree(work / "ceiling", ignore_errors=True)
+    (work / "ceiling").mkdir(parents=True)
+    backend = BackendProcess(env, work / "ceiling" / "backend.log")
+    try:
+        return evaluate_served(BackendClient(backend.url, label_config(shapes), shapes), renamed)
+    finally:
+        backend.stop()
+        studio.close()
+
+
 def print_round(r: Round) -> None:
     m = r.metrics
     print(f"  {r.order:>6} {r.round:>3} {r.tasks_annotated:>6} {r.regions_annotated:>7}  "
@@ -396,6 +420,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
               ("pre_precision", "pre-annotation precision @0.5", None),
               ("pre_accepted_share", "pre-annotated regions accepted unchanged", None)]
     orders = list(runs[0]["results"])
+    ceiling = mean_ceiling(runs)
     colours = {order: f"C{i}" for i, order in enumerate(orders)}
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, title, target) in zip(axes.flat, panels):
@@ -411,6 +436,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                     label=f"{order} (mean of {len(runs)} seeds)")
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
+        if key in ceiling:
+            ax.axhline(ceiling[key], color="black", linestyle=":", linewidth=1, label="base model renamed (ceiling)")
         ax.set_title(title)
         ax.set_xlabel("tasks annotated")
         ax.set_ylim(0, 1.02)
@@ -449,7 +476,14 @@ def compare_orders(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for order in ("active", "random")
     }
     return {"seeds": len(runs), "active_fewer_tasks_to_target": active_fewer,
-            "random_fewer_tasks_to_target": random_fewer, "same_tasks_to_target": ties, "mean": mean_curves}
+            "random_fewer_tasks_to_target": random_fewer, "same_tasks_to_target": ties, "mean": mean_curves,
+            "mean_ceiling": mean_ceiling(runs)}
+
+
+def mean_ceiling(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The base model's renamed figures (`measure_ceiling`) averaged over the data seeds."""
+    return {key: round(float(np.mean([run["ceiling"][key] for run in runs])), 4)
+            for key in ("click_accuracy", "click_miou", "box_accuracy", "box_miou")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -482,6 +516,10 @@ def run_seed(seed: int, args: argparse.Namespace, orders: list[str], training: d
     print(f"\ndata seed {seed}: base model {args.base.name}; labels {labels}; pool {len(pool)} tasks, held-out "
           f"{len(held_out)} tasks ({sum(len(t.masks) for t in held_out)} objects); training {json.dumps(training)}",
           flush=True)
+    ceiling = measure_ceiling(args, held_out, image_dirs, work)
+    print(f"ceiling: the base model told the labels are its shape classes ({args.classes}): click accuracy "
+          f"{ceiling['click_accuracy']:.3f}, click mIoU {ceiling['click_miou']:.3f}, box accuracy "
+          f"{ceiling['box_accuracy']:.3f}, box mIoU {ceiling['box_miou']:.3f}", flush=True)
     print(HEADER, flush=True)
     results: dict[str, list[Round]] = {}
     timings: dict[str, float] = {}
@@ -506,7 +544,7 @@ def run_seed(seed: int, args: argparse.Namespace, orders: list[str], training: d
     print("  tasks annotated until click accuracy first reached: "
           + "; ".join(f"{order} " + ", ".join(f"{lvl}: {'-' if n is None else n}" for lvl, n in s["tasks_to_accuracy"].items())
                       for order, s in summary.items()), flush=True)
-    return {"seed": seed, "results": results, "summary": summary}
+    return {"seed": seed, "results": results, "summary": summary, "ceiling": ceiling}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,9 +577,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {order:>6}: mean click accuracy after " + " / ".join(
                 f"{n}: {a:.3f}" for n, a in zip(m["tasks_annotated"], m["click_accuracy"]))
                   + f" tasks; target met after the last round on {m['target_met_after_last_round']} of {len(seeds)}")
+        c = comparison["mean_ceiling"]
+        print(f"  ceiling (base model renamed), mean: click accuracy {c['click_accuracy']:.3f}, "
+              f"click mIoU {c['click_miou']:.3f}, box accuracy {c['box_accuracy']:.3f}")
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "training_options": training,
               "total_seconds": round(time.perf_counter() - started, 1), "comparison": comparison,
-              "runs": [{"seed": run["seed"], "summary": run["summary"],
+              "runs": [{"seed": run["seed"], "summary": run["summary"], "ceiling": run["ceiling"],
                         "rounds": {o: [{**asdict(r), "target_met": r.target_met} for r in rs]
                                    for o, rs in run["results"].items()}} for run in runs]}
     (out / "loop.json").write_text(json.dumps(report, indent=2))

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import loop  # noqa: E402  (bench/loop.py)
 
 
-def _run(seed: int, active: list[float], random: list[float], per_round: int = 10) -> dict:
+def _run(seed: int, active: list[float], random: list[float], per_round: int = 10, ceiling: float = 0.9) -> dict:
     """One data seed's results as run_seed returns them, with the given click accuracy after each round."""
     results, summary = {}, {}
     for order, accuracy in (("active", active), ("random", random)):
@@ -28,13 +28,14 @@ def _run(seed: int, active: list[float], random: list[float], per_round: int = 1
         results[order] = rounds
         summary[order] = {"target_met_after_last_round": rounds[-1].target_met,
                           "tasks_to_target": loop.annotations_to_target(rounds)}
-    return {"seed": seed, "results": results, "summary": summary}
+    figures = {"click_accuracy": ceiling, "click_miou": 0.8, "box_accuracy": ceiling, "box_miou": 0.85}
+    return {"seed": seed, "results": results, "summary": summary, "ceiling": figures}
 
 
 def test_orderings_compared_over_seeds():
     runs = [_run(1, [0.1, 0.96, 0.97], [0.1, 0.90, 0.96]),  # active reaches the target one round earlier
             _run(2, [0.1, 0.80, 0.94], [0.1, 0.85, 0.95]),  # only random reaches it
-            _run(3, [0.1, 0.95, 0.95], [0.1, 0.95, 0.99])]  # both after the first round
+            _run(3, [0.1, 0.95, 0.95], [0.1, 0.95, 0.99], ceiling=0.99)]  # both after the first round
     comparison = loop.compare_orders(runs)
     assert (comparison["active_fewer_tasks_to_target"], comparison["random_fewer_tasks_to_target"],
             comparison["same_tasks_to_target"]) == (1, 1, 1)
@@ -42,6 +43,8 @@ def test_orderings_compared_over_seeds():
     assert comparison["mean"]["active"]["click_accuracy"] == pytest.approx([0.1, 0.9033, 0.9533], abs=1e-4)
     assert comparison["mean"]["random"]["target_met_after_last_round"] == 3
     assert comparison["mean"]["active"]["target_met_after_last_round"] == 2
+    assert comparison["mean_ceiling"]["click_accuracy"] == pytest.approx(0.93)
+    assert comparison["mean_ceiling"]["box_miou"] == pytest.approx(0.85)
 
 
 @pytest.mark.slow
@@ -66,3 +69,8 @@ def test_one_round_raises_click_accuracy(tmp_path):
     # Near chance before the round (0 tasks), so a level is either first reached after the round or not at all.
     assert all(n in (None, 8) for n in reached.values()), reached
     assert (reached["0.50"] == 8) == (after["metrics"]["click_accuracy"] >= 0.5)
+    # The renamed base model (the ceiling) names the shapes it was trained on, unlike the same model under new names.
+    ceiling = report["runs"][0]["ceiling"]
+    assert ceiling["objects"] == before["metrics"]["objects"]
+    assert ceiling["click_accuracy"] > before["metrics"]["click_accuracy"] + 0.3, ceiling
+    assert ceiling["click_miou"] == pytest.approx(before["metrics"]["click_miou"], abs=1e-6)  # the same masks
