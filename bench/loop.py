@@ -311,14 +311,18 @@ def batch_acceptance(tasks: list[Task], results: list[dict[str, Any]]) -> dict[s
             "batch_objects_accepted_share": counts.accepted / max(1, counts.num_gt)}
 
 
+def backend_env(args: argparse.Namespace, studio: FakeLabelStudio, model_dir: Path, cache_dir: Path) -> dict[str, str]:
+    """A backend process serving `args.base` from its own `model_dir`, reading images from `studio`."""
+    return {"MODEL_DIR": str(model_dir), "OVSAM_CHECKPOINT": str(args.base), "DEVICE": args.device,
+            "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "RECOGNISED_LABEL_WINS": "true",
+            "LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(args.threads), "OVSAM_CACHE_DIR": str(cache_dir)}
+
+
 def run_order(order: str, seed: int, args: argparse.Namespace, pool: list[Task], held_out: list[Task], image_dirs: dict[str, Path],
               label_config: str, labels: list[str], work: Path, training: dict[str, Any]) -> list[Round]:
     """One complete loop with its own Label Studio stand-in, backend process and model folder."""
     studio = FakeLabelStudio(image_dirs)
-    env = {"MODEL_DIR": str(work / order / "models"), "OVSAM_CHECKPOINT": str(args.base),
-           "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "DEVICE": args.device,
-           "TRAINING_OPTIONS": json.dumps(training), "RECOGNISED_LABEL_WINS": "true", "LOG_LEVEL": "WARNING",
-           "OMP_NUM_THREADS": str(args.threads), "OVSAM_CACHE_DIR": str(work / "cache")}
+    env = {**backend_env(args, studio, work / order / "models", work / "cache"), "TRAINING_OPTIONS": json.dumps(training)}
     shutil.rmtree(work / order, ignore_errors=True)  # a fresh MODEL_DIR: nothing promoted by an earlier run
     (work / order).mkdir(parents=True)
     backend = BackendProcess(env, work / order / "backend.log")
@@ -368,9 +372,7 @@ def measure_ceiling(args: argparse.Namespace, held_out: list[Task], image_dirs: 
     shapes = list(dict.fromkeys(shape_of.values()))
     renamed = [replace(t, labels=[shape_of[label] for label in t.labels]) for t in held_out]
     studio = FakeLabelStudio(image_dirs)
-    env = {"MODEL_DIR": str(work / "ceiling" / "models"), "OVSAM_CHECKPOINT": str(args.base), "DEVICE": args.device,
-           "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "RECOGNISED_LABEL_WINS": "true",
-           "LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(args.threads), "OVSAM_CACHE_DIR": str(work / "cache")}
+    env = backend_env(args, studio, work / "ceiling" / "models", work / "cache")
     shutil.rmtree(work / "ceiling", ignore_errors=True)
     (work / "ceiling").mkdir(parents=True)
     backend = BackendProcess(env, work / "ceiling" / "backend.log")
