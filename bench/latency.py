@@ -156,12 +156,15 @@ def bench_ours(b: Bench, cfg_name: str, image: np.ndarray, points: List[np.ndarr
 
     # Warm the click path on zero features of the right shapes (no image encoder run needed).
     dev = b.device
+    d = cfg.prompt_embed_dim
+    high_res = [torch.zeros(1, d // 4, s // 8, s // 8, device=dev), torch.zeros(1, d // 8, s // 4, s // 4, device=dev)]
     fake = ImageFeatures(
         torch.zeros(1, cfg.prompt_embed_dim, g, g, device=dev),
         [torch.zeros(1, cfg.fpn_channels, s // st, s // st, device=dev) for st in (4, 8, 16, 32)],
         torch.zeros(1, cfg.trunk_channels[3], s // 32, s // 32, device=dev),
         ImageFrame.for_image(h, w, s),
         tuple(torch.zeros(1, cfg.trunk_channels[3], s // 32, s // 32, device=dev) for _ in range(2)),
+        high_res if cfg.decoder_high_res else None,
     )
     for _ in range(2):
         pred.predict(points[0], one, features=fake)
@@ -208,11 +211,11 @@ def bench_ours(b: Bench, cfg_name: str, image: np.ndarray, points: List[np.ndarr
         pts = frame.points_to_input(points[1])[None].to(dev)
         lab = torch.ones(1, 1, dtype=torch.long, device=dev)
         sparse, dense = model.encode_prompts(pts, lab)
-        low_res = model.decode(feats.embedding, sparse, dense).float()
+        low_res = model.decode(feats.embedding, sparse, dense, high_res=feats.high_res).float()
         rois = torch.cat([low_res.new_zeros(1, 1), model.mask_boxes(low_res)], dim=1)
         text = vocab.embeddings.to(dev)
         fl["click_prompt_encoder"] = count_flops(lambda: model.encode_prompts(pts, lab))
-        fl["click_decoder"] = count_flops(lambda: model.decode(feats.embedding, sparse, dense))
+        fl["click_decoder"] = count_flops(lambda: model.decode(feats.embedding, sparse, dense, high_res=feats.high_res))
         fl["click_head_roi"] = count_flops(lambda: model.head.classify(feats.pyramid, rois, text))
         fl["click_clip_branch"] = count_flops(lambda: model.clip_branch_logits(feats.c5, rois, text, feats.clip_kv))
         fl["click_upscale"] = count_flops(lambda: upscale_mask_logits(low_res, frame))
@@ -247,7 +250,7 @@ def stage_times(
 
             def decode() -> torch.Tensor:
                 sparse, dense = model.encode_prompts(pts, lab)
-                return model.decode(cached.embedding, sparse, dense).float()
+                return model.decode(cached.embedding, sparse, dense, high_res=cached.high_res).float()
 
             t, low_res = b.time(decode)
             runs["click_decoder"].append(t)

@@ -65,7 +65,7 @@ class AutomaticMaskGenerator:
                 pts = grid[start : start + cfg.points_per_batch].to(dev)[:, None, :]
                 labels = torch.ones(pts.shape[:2], dtype=torch.long, device=dev)
                 sparse, dense = model.encode_prompts(pts, labels)
-                low_res = model.decode(features.embedding, sparse, dense).float()
+                low_res = model.decode(features.embedding, sparse, dense, high_res=features.high_res).float()
                 stability = calculate_stability_score(low_res[:, 0], 0.0, cfg.stability_offset)
                 rec = model.recognise(
                     features.pyramid, features.c5, low_res, vocab.embeddings.to(dev), vocab.is_base.to(dev),

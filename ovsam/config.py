@@ -55,6 +55,11 @@ class OVSAMConfig:
     # (its released weights were trained on box averages): for overlapping, non-convex objects the box
     # holds as much of the neighbours and background as of the object.
     head_mask_pooling: bool = False
+    # Add the trunk's stride-8 and stride-4 maps (C3, C2, projected by zero-initialised 1x1 convs) to the
+    # mask decoder's two upscaling steps. Not OVSAM's: its decoder sees only the stride-16 embedding, so
+    # edges are drawn from a grid 16 input pixels wide; small objects lose most. Off in every official
+    # preset (their released weights have no such convs); `finetune --decoder-high-res` adds them.
+    decoder_high_res: bool = False
     # Fusion of head and CLIP-branch logits (spec §1.9)
     use_clip_branch: bool = True
     alpha: float = 0.1

@@ -47,11 +47,34 @@ class CLIP2SAMHead(nn.Module):
         # Kept for the released key layout only: its output is multiplied by 0 in the reference (bug B3).
         self.label_mlp = MLP(dim, dim, cfg.clip_embed_dim, 3)
         self.label_mlp.requires_grad_(False)
+        if cfg.decoder_high_res:
+            self.add_high_res_projections(cfg)
         self.fpn = FeaturePyramidNetwork(list(cfg.trunk_channels), cfg.fpn_channels)
         self.roi_conv = nn.Conv2d(cfg.fpn_channels, cfg.clip_embed_dim, kernel_size=1, bias=False)
         self.roi_size = cfg.head_roi_size
         self.finest_scale = cfg.finest_scale
         self.logit_scale = cfg.logit_scale
+
+    def add_high_res_projections(self, cfg: OVSAMConfig) -> None:
+        """1x1 convs C3 -> dim/4 and C2 -> dim/8 channels for the decoder's upscaling (`decoder_high_res`).
+
+        They live in the mask decoder, so freezing the decoder freezes them. Zero-initialised: a trained
+        decoder that gains them draws the same masks until they are trained.
+        """
+        dim = cfg.prompt_embed_dim
+        c2, c3 = cfg.trunk_channels[:2]
+        proj = nn.ModuleList([nn.Conv2d(c3, dim // 4, kernel_size=1), nn.Conv2d(c2, dim // 8, kernel_size=1)])
+        for conv in proj:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.mask_decoder.high_res_proj = proj.to(self.label_token.weight.device)
+
+    def high_res_features(self, clip_feats: Sequence[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """[stride-8, stride-4] maps for `decode_masks` from C2..C5, or None without `decoder_high_res`."""
+        proj = getattr(self.mask_decoder, "high_res_proj", None)
+        if proj is None:
+            return None
+        return [proj[0](clip_feats[1]), proj[1](clip_feats[0])]
 
     def pyramid(self, clip_feats: List[torch.Tensor]) -> List[torch.Tensor]:
         """P2..P5 from C2..C5."""
@@ -65,12 +88,16 @@ class CLIP2SAMHead(nn.Module):
         sparse: torch.Tensor,
         dense: torch.Tensor,
         image_index: torch.Tensor | None = None,
+        high_res: Optional[Sequence[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Low-res mask logits [N, 1, 4g, 4g]; tokens are [label, mask, prompts…] (SAM's IoU slot -> label).
 
-        image_embedding: [B, C, g, g]; image_index: [N] which image each prompt belongs to (default 0).
+        image_embedding: [B, C, g, g]; image_index: [N] which image each prompt belongs to (default 0);
+        high_res: `high_res_features` of the same B images, required with `decoder_high_res`.
         """
         dec = self.mask_decoder
+        if hasattr(dec, "high_res_proj") and high_res is None:
+            raise ValueError("this model's decoder reads high-resolution trunk maps: pass high_res")
         n = sparse.shape[0]
         tokens = torch.cat([self.label_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
@@ -83,7 +110,13 @@ class CLIP2SAMHead(nn.Module):
         b, c, h, w = src.shape
         hs, src = dec.transformer(src, pos, tokens)
         mask_token_out = hs[:, 1]
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        if hasattr(dec, "high_res_proj"):
+            s8, s4 = (f[:1].expand(n, -1, -1, -1) if image_index is None else f[image_index] for f in high_res)
+            up1, norm, act1, up2, act2 = dec.output_upscaling
+            upscaled = act2(up2(act1(norm(up1(src) + s8))) + s4)
+        else:
+            upscaled = dec.output_upscaling(src)
         hyper = dec.output_hypernetworks_mlps[0](mask_token_out)
         bu, cu, hu, wu = upscaled.shape
         return (hyper.unsqueeze(1) @ upscaled.view(bu, cu, hu * wu)).view(bu, 1, hu, wu)

@@ -29,16 +29,18 @@ class ImageFeatures:
     c5: torch.Tensor  # [1, C5, s/32, s/32] for the CLIP branch
     frame: ImageFrame
     clip_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # attention-pool key/value maps of C5
+    high_res: Optional[List[torch.Tensor]] = None  # [stride 8, stride 4] maps for the decoder (decoder_high_res)
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.embedding, self.c5, *self.pyramid, *(self.clip_kv or ())]
+        tensors = [self.embedding, self.c5, *self.pyramid, *(self.clip_kv or ()), *(self.high_res or ())]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "ImageFeatures":
         conv = lambda t: t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
         kv = tuple(conv(t) for t in self.clip_kv) if self.clip_kv is not None else None
-        return ImageFeatures(conv(self.embedding), [conv(p) for p in self.pyramid], conv(self.c5), self.frame, kv)
+        high_res = [conv(t) for t in self.high_res] if self.high_res is not None else None
+        return ImageFeatures(conv(self.embedding), [conv(p) for p in self.pyramid], conv(self.c5), self.frame, kv, high_res)
 
 
 @dataclass
@@ -105,7 +107,7 @@ class OVSAM(nn.Module):
         x, frame = self.preprocess(image)
         embedding, pyramid, feats = self.encode_batch(x)
         kv = self.trunk.key_value_maps(feats[3]) if self.cfg.use_clip_branch else None
-        return ImageFeatures(embedding, pyramid, feats[3], frame, kv)
+        return ImageFeatures(embedding, pyramid, feats[3], frame, kv, self.head.high_res_features(feats))
 
     # ---- prompt side ------------------------------------------------------------------------
     def encode_prompts(
@@ -128,8 +130,9 @@ class OVSAM(nn.Module):
         sparse: torch.Tensor,
         dense: torch.Tensor,
         image_index: Optional[torch.Tensor] = None,
+        high_res: Optional[List[torch.Tensor]] = None,
     ) -> torch.Tensor:
-        return self.head.decode_masks(embedding, self.image_pe(), sparse, dense, image_index)
+        return self.head.decode_masks(embedding, self.image_pe(), sparse, dense, image_index, high_res)
 
     # ---- recognition ------------------------------------------------------------------------
     def mask_boxes(self, low_res: torch.Tensor) -> torch.Tensor:

@@ -211,7 +211,7 @@ class OVSAMPredictor:
         vocab = self.vocabulary
         with self.inference():
             sparse, dense = model.encode_prompts(points, labels, boxes, masks)
-            low_res = model.decode(feats.embedding, sparse, dense).float()
+            low_res = model.decode(feats.embedding, sparse, dense, high_res=feats.high_res).float()
             rec = model.recognise(
                 feats.pyramid, feats.c5, low_res, vocab.embeddings.to(dev), vocab.is_base.to(dev), clip_boxes=clip_boxes,
                 clip_kv=feats.clip_kv,

@@ -22,7 +22,11 @@ shapes:
    and a project fine-tuned from the demo model keeps its trunk frozen;
 6. a fourth, on more fresh ``class`` images at a lower learning rate, and a fifth on yet more: every
    phase's losses were still falling when it ended, and each drop of the learning rate bought the most;
-7. evaluation on the held-out set, and the artifact written in float16 (about 11 MB) with its figures.
+7. a sixth in the OVSAM recipe's own split, trunk and neck frozen (their features cached, so it is cheap),
+   that gives the mask decoder the trunk's stride-8 and stride-4 maps (`decoder_high_res`): the stride-16
+   embedding alone draws edges on a 16-pixel grid, and the clicks that get a poor mask are the ones the
+   head then names wrong (mask pooling reads the mask);
+8. evaluation on the held-out set, and the artifact written in float16 (about 11 MB) with its figures.
 
 A killed run continues where it stopped when started again with the same `--work`.
 """
@@ -33,7 +37,7 @@ import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
 SHAPE_LABELS = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -51,6 +55,9 @@ class Phase:
     epochs: int
     steps: Optional[int]
     lr: float
+    train_all: bool = True  # False: trunk and neck frozen (features cached), head and mask decoder train
+    decoder_high_res: bool = False  # add the decoder's high-resolution inputs (`OVSAMConfig.decoder_high_res`)
+    prompts: Tuple[int, int] = (16, 8)  # prompts per image, of which boxes
 
     def seed(self, data_seed: int) -> int:
         """Phase n draws its images with data_seed + n - 1 (phase 1: data_seed itself)."""
@@ -59,7 +66,8 @@ class Phase:
 
 # Phases after the first, as the CLI's defaults (each `--phaseN-images/-epochs/-steps/-lr` overrides its own).
 LATER_PHASES = (Phase(2, 3000, "random", 8, None, 5e-4), Phase(3, 3000, "class", 8, None, 5e-4),
-                Phase(4, 5000, "class", 8, None, 3e-4), Phase(5, 3000, "class", 8, None, 3e-4))
+                Phase(4, 5000, "class", 8, None, 3e-4), Phase(5, 3000, "class", 8, None, 3e-4),
+                Phase(6, 2000, "class", 4, None, 3e-4, train_all=False, decoder_high_res=True, prompts=(40, 21)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +171,9 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
                       progress)
         cfg = replace(cfg, base=result.artifact, data=str(data), val_fraction=0.02, out=str(work / f"run{phase.number}"),
                       version=f"ovsam-demo-{len(phases) + 1}", epochs=phase.epochs, max_steps=phase.steps,
-                      lr=phase.lr, warmup_steps=100, num_proposals=16, num_box_prompts=8)
+                      lr=phase.lr, warmup_steps=100, num_proposals=phase.prompts[0], num_box_prompts=phase.prompts[1],
+                      train_all=phase.train_all, cache_features=not phase.train_all,
+                      decoder_high_res=phase.decoder_high_res)
         result = finetune(cfg, save=True)
         phases.append({**result.provenance, "appearance": phase.appearance})
     trained = load_artifact(result.artifact)

@@ -103,6 +103,9 @@ class FinetuneConfig:
     # The head's RoI pooling for this run and the new model: True averages over each object's mask, False over
     # its box (OVSAM's); None keeps the base model's. Switching it changes what the head reads, so train after.
     head_mask_pooling: Optional[bool] = None
+    # True gives a base without them the decoder's high-resolution inputs (`OVSAMConfig.decoder_high_res`),
+    # zero-initialised so training starts from the base's masks; a base that has them keeps them either way.
+    decoder_high_res: bool = False
     command: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -110,6 +113,8 @@ class FinetuneConfig:
             raise ValueError("--cache-features cannot be used with --train-all: the trunk and neck change")
         if self.cache_features and self.augment:
             raise ValueError("--cache-features needs --no-augment: augmented images change every epoch")
+        if self.decoder_high_res and not self.train_mask_decoder:
+            raise ValueError("--decoder-high-res adds decoder weights that only train with the mask decoder")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise ValueError("batch size, gradient accumulation and epochs must be >= 1")
         from training.evaluate import PROMPT_MODES  # checked now, not after hours of training
@@ -175,7 +180,7 @@ class CLIP2SAMTrainStep(nn.Module):
         low_res = embedding.new_zeros(0, 1, m.cfg.low_res_size, m.cfg.low_res_size)
         if dec.numel():
             sparse, dense = self.encode_prompts(batch, dec)
-            low_res = m.decode(embedding, sparse, dense, image_index[dec])
+            low_res = m.decode(embedding, sparse, dense, image_index[dec], m.head.high_res_features(feats))
         zero = sum(p.sum() for p in self._trainable) * 0.0
         return {"logits": logits, "low_res": low_res, "decoded": dec, "zero": zero}
 
@@ -330,6 +335,9 @@ class _Run:
         self.model = model = self.base.model.to(self.dev)
         if cfg.head_mask_pooling is not None:
             model.cfg = model.cfg.replace(head_mask_pooling=cfg.head_mask_pooling)
+        if cfg.decoder_high_res and not model.cfg.decoder_high_res:
+            model.cfg = model.cfg.replace(decoder_high_res=True)
+            model.head.add_high_res_projections(model.cfg)
         if cfg.train_all:
             model.trunk.requires_grad_(True)
             model.neck.requires_grad_(True)
@@ -525,7 +533,8 @@ class _Run:
 
 
 RESUME_KEYS = ("base", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "milestones",
-               "gamma", "max_norm", "num_points", "augment", "seed", "val_fraction", "split_seed", "head_mask_pooling")
+               "gamma", "max_norm", "num_points", "augment", "seed", "val_fraction", "split_seed", "head_mask_pooling",
+               "decoder_high_res")
 
 
 def _warn_changed(saved: Dict[str, Any], cfg: FinetuneConfig, info: DistInfo) -> None:
@@ -632,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-pooling", choices=("box", "mask"), default=None,
                    help="average the head's RoI features over the box (OVSAM's) or the object's mask "
                         "(default: the base model's)")
+    p.add_argument("--decoder-high-res", action="store_true",
+                   help="add the trunk's stride-8/4 maps to the mask decoder's upscaling (sharper edges; "
+                        "new weights start at zero, so train the decoder after)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: DEVICE or the local GPU)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -661,7 +673,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneC
         gamma=args.gamma, max_norm=args.max_norm or None, num_points=args.num_points,
         num_proposals=args.num_proposals, num_box_prompts=args.num_box_prompts, augment=not args.no_augment,
         ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, train_mask_decoder=not args.freeze_mask_decoder, train_fpn=not args.freeze_fpn,
-        head_mask_pooling=None if args.roi_pooling is None else args.roi_pooling == "mask", seed=args.seed, device=args.device,
+        head_mask_pooling=None if args.roi_pooling is None else args.roi_pooling == "mask",
+        decoder_high_res=args.decoder_high_res, seed=args.seed, device=args.device,
         amp=not args.no_amp, workers=args.workers, resume=args.resume, checkpoint_interval=args.checkpoint_interval,
         eval_prompts=tuple(s.strip() for s in args.eval_prompts.split(",") if s.strip()), eval_before=args.eval_before,
         max_eval_images=args.max_eval_images, progress=not args.no_progress, tensorboard=not args.no_tensorboard,

@@ -274,3 +274,52 @@ def test_mask_pooling_reads_only_the_mask(cfg, text_embeddings, mask_pooling):
         rec_moved = m.recognise(moved, f.c5, low, text_embeddings, torch.ones(K, dtype=torch.bool))
     torch.testing.assert_close(rec.rois[0, 1:], torch.tensor([16.0, 16.0, 48.0, 48.0]))
     assert torch.allclose(rec.head_logits, rec_moved.head_logits, atol=1e-5) == mask_pooling
+
+
+# ---------------------------------------------------------------------------- decoder_high_res
+
+
+def _click(m, f):
+    sparse, dense = m.encode_prompts(points=torch.tensor([[[40.0, 30.0]]]), point_labels=torch.ones(1, 1, dtype=torch.long))
+    return m.decode(f.embedding, sparse, dense, high_res=f.high_res)
+
+
+def test_high_res_projections_start_at_zero_and_then_change_the_masks(cfg):
+    """Added to a trained decoder they draw its masks exactly; once trained, the trunk's fine maps matter."""
+    torch.manual_seed(0)
+    m = OVSAM(cfg).eval()
+    image = _image(64, 80)
+    with torch.no_grad():
+        plain = _click(m, m.encode_image(image))
+        m.cfg = cfg.replace(decoder_high_res=True)
+        m.head.add_high_res_projections(m.cfg)
+        f = m.encode_image(image)
+        s, g = cfg.image_size, cfg.prompt_embed_dim
+        assert [tuple(t.shape) for t in f.high_res] == [(1, g // 4, s // 8, s // 8), (1, g // 8, s // 4, s // 4)]
+        torch.testing.assert_close(_click(m, f), plain, rtol=0, atol=0)
+        for conv in m.head.mask_decoder.high_res_proj:
+            torch.nn.init.normal_(conv.weight, std=0.5)
+        f = m.encode_image(image)
+        assert not torch.allclose(_click(m, f), plain, atol=1e-3)
+        assert f.nbytes == sum(t.numel() * 4 for t in (f.embedding, f.c5, *f.pyramid, *f.clip_kv, *f.high_res))
+        with pytest.raises(ValueError, match="high_res"):
+            sparse, dense = m.encode_prompts(boxes=torch.tensor([[10.0, 10.0, 90.0, 70.0]]))
+            m.decode(f.embedding, sparse, dense)
+
+
+def test_high_res_decode_follows_image_index(cfg):
+    torch.manual_seed(4)
+    m = OVSAM(cfg.replace(decoder_high_res=True)).eval()
+    for conv in m.head.mask_decoder.high_res_proj:
+        torch.nn.init.normal_(conv.weight, std=0.5)
+    s = cfg.image_size
+    with torch.no_grad():
+        emb, _, feats = m.encode_batch(torch.randn(2, 3, s, s))
+        hr = m.head.high_res_features(feats)
+        sparse, dense = m.encode_prompts(boxes=torch.tensor([[10.0, 10.0, 90.0, 70.0]] * 2))
+        both = m.decode(emb, sparse, dense, image_index=torch.tensor([1, 0]), high_res=hr)
+        only1 = m.decode(emb[1:], sparse[:1], dense[:1], high_res=[t[1:] for t in hr])
+        only0 = m.decode(emb[:1], sparse[:1], dense[:1], high_res=[t[:1] for t in hr])
+    torch.testing.assert_close(both[0], only1[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both[1], only0[0], rtol=1e-4, atol=1e-5)
+    assert m.head.high_res_features(feats) is not None and OVSAM(cfg).head.high_res_features(feats) is None

@@ -15,21 +15,26 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path, capsys):
     argv = ["--out", str(out), "--work", str(work), "--images", "6", "--val-images", "2", "--steps", "3",
             "--text-steps", "2", "--batch-size", "2", "--phase2-images", "4", "--phase2-steps", "2",
             "--phase3-images", "4", "--phase3-steps", "1", "--phase4-images", "4", "--phase4-steps", "2",
-            "--phase5-images", "4", "--phase5-steps", "1", "--device", "cpu", "--no-progress"]
+            "--phase5-images", "4", "--phase5-steps", "1", "--phase6-images", "4", "--phase6-steps", "2",
+            "--device", "cpu", "--no-progress"]
     assert main_demo_model(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["artifact"] == str(out) and set(record["held_out"]) == {"center", "box"}
     assert set(record["held_out_random_appearance"]) == {"center", "box"}
     meta = read_artifact_metadata(out)
     provenance = meta["provenance"]
-    assert provenance["kind"] == "demo" and provenance["steps"] == 1  # the artifact is phase 5's output
-    assert [p["steps"] for p in provenance["phases"]] == [3, 2, 1, 2, 1] and provenance["data"]["phase5_images"] == 4
-    assert [p.get("appearance") for p in provenance["phases"]] == [None, "random", "class", "class", "class"]
+    assert provenance["kind"] == "demo" and provenance["steps"] == 2  # the artifact is phase 6's output
+    assert [p["steps"] for p in provenance["phases"]] == [3, 2, 1, 2, 1, 2] and provenance["data"]["phase6_images"] == 4
+    assert [p.get("appearance") for p in provenance["phases"]] == [None, "random", "class", "class", "class", "class"]
+    # Phases 1-5 train everything; phase 6 keeps trunk and neck frozen and gives the decoder the fine maps.
+    assert [p["hyperparameters"]["train_all"] for p in provenance["phases"]] == [True] * 5 + [False]
+    assert provenance["phases"][5]["hyperparameters"]["decoder_high_res"] is True
+    assert meta["config"]["decoder_high_res"] is True
     assert provenance["phases"][1]["hyperparameters"]["num_proposals"] == 16
     assert provenance["phases"][3]["hyperparameters"]["lr"] == 3e-4 and provenance["data"]["phase4_seed"] == 4
     assert all(p["hyperparameters"]["head_mask_pooling"] for p in provenance["phases"])
     assert meta["config"]["head_mask_pooling"] is True
-    assert meta["version"] == "ovsam-demo-5" and set(meta["metrics"]) >= {"held_out", "held_out_random_appearance"}
+    assert meta["version"] == "ovsam-demo-6" and set(meta["metrics"]) >= {"held_out", "held_out_random_appearance"}
     assert provenance["data"]["train_appearance"] == "random" and provenance["data"]["held_out_appearance"] == "class"
     assert sorted(meta["vocabulary"]["labels"]) == sorted(SHAPE_LABELS)
     loaded = load_artifact(out)

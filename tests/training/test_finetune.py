@@ -277,6 +277,27 @@ def test_cli_roi_pooling_switches_the_new_model_and_default_keeps_the_base(world
     assert read_artifact_metadata(tmp_path / "keep" / "model.safetensors")["config"]["head_mask_pooling"] is False
 
 
+def test_cli_decoder_high_res_adds_and_trains_the_projections(world, tmp_path):
+    """`--decoder-high-res` gives the base's decoder the trunk's fine maps: the new artifact records it, its
+    zero-initialised projections have learned, and a later fine-tune of that model keeps them."""
+    from ovsam.artifact import read_artifact_metadata
+
+    argv = _cli_argv(world, tmp_path / "hr", "--max-steps", "3", "--no-augment", "--cache-features", "--decoder-high-res")
+    assert main_finetune(argv) == 0
+    out = tmp_path / "hr" / "model.safetensors"
+    assert read_artifact_metadata(out)["config"]["decoder_high_res"] is True
+    head = _head(out)
+    assert all(head[f"mask_decoder.high_res_proj.{i}.weight"].abs().sum() > 0 for i in (0, 1))
+    assert "mask_decoder.high_res_proj.0.weight" not in _head(world["artifact"])
+    again = [a if a != str(world["artifact"]) else str(out) for a in _cli_argv(world, tmp_path / "again", "--max-steps", "1",
+                                                                              "--no-augment", "--freeze-mask-decoder")]
+    assert main_finetune(again) == 0
+    kept = _head(tmp_path / "again" / "model.safetensors")
+    assert torch.equal(kept["mask_decoder.high_res_proj.1.weight"], head["mask_decoder.high_res_proj.1.weight"])
+    with pytest.raises(ValueError, match="decoder-high-res"):
+        _cfg(world, tmp_path, decoder_high_res=True, train_mask_decoder=False)
+
+
 def test_train_all_trains_trunk_and_neck_and_resumes_exactly(world, tmp_path):
     """Pretraining from scratch (the demo model's path): every module but the prompt encoder learns."""
     from ovsam.artifact import load_artifact
