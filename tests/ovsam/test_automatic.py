@@ -65,7 +65,7 @@ def setup(monkeypatch):
         state["points"].append(points.clone())
         return real_encode(points, point_labels, boxes, mask_input)
 
-    def decode(embedding, sparse, dense, image_index=None):
+    def decode(embedding, sparse, dense, image_index=None, high_res=None):
         n = sparse.shape[0]
         state["start"] = state["offset"]
         state["offset"] += n
