@@ -76,6 +76,13 @@ class Vocabulary:
         mask = torch.tensor([l in base for l in self.labels], dtype=torch.bool)
         return Vocabulary(list(self.labels), [list(s) for s in self.synonyms], self.embeddings, mask)
 
+    def with_embeddings(self, embeddings: torch.Tensor) -> "Vocabulary":
+        """The same labels with other rows (e.g. fitted to a project's objects); shape must match."""
+        if embeddings.shape != self.embeddings.shape:
+            raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match the vocabulary's {tuple(self.embeddings.shape)}")
+        return Vocabulary(list(self.labels), [list(s) for s in self.synonyms], embeddings.to(self.embeddings.dtype),
+                          self.is_base.clone())
+
     def subset(self, labels: Sequence[str]) -> "Vocabulary":
         idx = [self.index(l) for l in labels]
         return Vocabulary(list(labels), [self.synonyms[i] for i in idx], self.embeddings[idx], self.is_base[idx])

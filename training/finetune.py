@@ -26,12 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ovsam.artifact import ModelArtifact, save_artifact
+from ovsam.head import cosine_logits
 from ovsam.model import OVSAM
 from ovsam.roi import boxes_to_rois, mask_occupancy
 from ovsam.vocabulary import Vocabulary
 from training import losses as L
 from training.dataset import (CLIP2SAMDataset, ExampleConfig, FeatureStore, TrainingData, collate_examples,
                               load_training_data, make_image_source, read_label_config)
+from training.label_fit import LabelFit, fit_label_embeddings, unique_instances
 from training.distributed import (DistInfo, RunLogger, ShardedSampler, all_reduce_sum, barrier, cleanup_distributed,
                                   init_distributed, wrap_ddp)
 from training.optim import (build_adamw, default_warmup, load_training_state, param_groups, rng_states,
@@ -57,7 +59,7 @@ class FinetuneConfig:
     val_fraction: float = 0.2
     split_seed: int = 0
     epochs: int = 12
-    max_steps: Optional[int] = None  # cap on optimiser steps (quick runs, benchmarks)
+    max_steps: Optional[int] = None  # cap on optimiser steps (quick runs, benchmarks; 0: only fit the label rows)
     batch_size: int = 2  # images per process and micro-batch
     grad_accum: int = 1
     lr: float = 1e-4
@@ -106,6 +108,10 @@ class FinetuneConfig:
     # True gives a base without them the decoder's high-resolution inputs (`OVSAMConfig.decoder_high_res`),
     # zero-initialised so training starts from the base's masks; a base that has them keeps them either way.
     decoder_high_res: bool = False
+    # True: before training, the rows of the project's annotated labels are fitted to the base head's
+    # embeddings of their objects (`training.label_fit`), and training and the artifact use the fitted rows.
+    # For names the base model's text tower does not tie to objects it already tells apart.
+    fit_label_embeddings: bool = False
     command: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -115,6 +121,10 @@ class FinetuneConfig:
             raise ValueError("--cache-features needs --no-augment: augmented images change every epoch")
         if self.decoder_high_res and not self.train_mask_decoder:
             raise ValueError("--decoder-high-res adds decoder weights that only train with the mask decoder")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError("--max-steps must be >= 0")
+        if self.max_steps == 0 and not self.fit_label_embeddings:
+            raise ValueError("--max-steps 0 trains nothing; with --fit-label-embeddings it only fits the label rows")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise ValueError("batch size, gradient accumulation and epochs must be >= 1")
         from training.evaluate import PROMPT_MODES  # checked now, not after hours of training
@@ -167,13 +177,8 @@ class CLIP2SAMTrainStep(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.image_side_trains):
                 feats = m.trunk(batch["images"])
                 embedding = m.neck(feats)
-        pyramid = m.head.pyramid(feats)
+        logits = cosine_logits(self.roi_embeddings(batch, feats), self.text_embeddings, m.head.logit_scale)
         image_index = batch["image_index"]
-        rois = boxes_to_rois(batch["boxes"].float(), image_index)
-        weights = None
-        if m.cfg.head_mask_pooling:  # GT masks (in the input frame); box-only instances fall back to the box
-            weights = mask_occupancy(batch["masks"], rois, m.head.roi_size, 1.0, batch["mask_index"])
-        logits = m.head.classify(pyramid, rois, self.text_embeddings, weights)
         dec = torch.nonzero(batch["has_mask"], as_tuple=True)[0]  # box-only instances train only the classifier
         if not self.decoder_trains:
             dec = dec[:0]  # no mask loss can change anything: skip decoding
@@ -183,6 +188,18 @@ class CLIP2SAMTrainStep(nn.Module):
             low_res = m.decode(embedding, sparse, dense, image_index[dec], m.head.high_res_features(feats))
         zero = sum(p.sum() for p in self._trainable) * 0.0
         return {"logits": logits, "low_res": low_res, "decoded": dec, "zero": zero}
+
+    def roi_embeddings(self, batch: Dict[str, Any], feats: List[torch.Tensor]) -> torch.Tensor:
+        """[N, D] head embeddings of the batch's annotated objects (their GT boxes, and masks when pooled by mask)."""
+        m = self.model
+        rois = boxes_to_rois(batch["boxes"].float(), batch["image_index"])
+        weights = None
+        if m.cfg.head_mask_pooling:  # GT masks (in the input frame); box-only instances fall back to the box
+            weights = mask_occupancy(batch["masks"], rois, m.head.roi_size, 1.0, batch["mask_index"])
+        return m.head.roi_embeddings(m.head.pyramid(feats), rois, weights)
+
+    def set_text_embeddings(self, embeddings: torch.Tensor) -> None:
+        self.text_embeddings.copy_(embeddings.float())
 
     @torch.no_grad()
     def encode_prompts(self, batch: Dict[str, Any], dec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +315,8 @@ def finetune(
     run.setup(data, base, images)
     run.resume()
     before = run.evaluate() if cfg.eval_before and run.step == 0 else None
+    if cfg.fit_label_embeddings and run.step == 0 and run.epoch == 0 and run.skip_micro == 0:
+        run.fit_labels()
     run.train()
     result = run.finish(save, before)
     cleanup_distributed()  # no barrier: other ranks need not wait for rank 0's evaluation
@@ -363,9 +382,11 @@ class _Run:
         self.sampler = ShardedSampler(len(self.dataset), self.info.world_size, self.info.rank, shuffle=True, seed=cfg.seed)
         self.micro_per_epoch = math.ceil(self.sampler.per_rank / cfg.batch_size)
         self.total_steps = math.ceil(self.micro_per_epoch / cfg.grad_accum) * cfg.epochs
-        if cfg.max_steps:
+        if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.step_module = CLIP2SAMTrainStep(model, self.vocab.embeddings).to(self.dev)
+        self.store = FeatureStore() if cfg.cache_features else None
+        self.label_fit: Optional[LabelFit] = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.trained_modules = ("trunk", "neck", "head") if cfg.train_all else ("head",)
         self.optimizer = build_adamw(param_groups(model, cfg.weight_decay), cfg.lr)
@@ -399,6 +420,8 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.skip_micro = state["epoch"], state["step"], state["micro"]
+        if state.get("label_embeddings") is not None:
+            self.use_vocabulary(self.vocab.with_embeddings(state["label_embeddings"]))
         self.history = state.get("history", [])
         set_rng_states(state["rng"])
         if main:
@@ -414,14 +437,49 @@ class _Run:
             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": self.step, "micro": micro,
             "rng": rng_states(), "history": self.history, "config": dataclasses.asdict(self.cfg),
             "labels": self.vocab.labels,
+            "label_embeddings": self.vocab.embeddings if self.cfg.fit_label_embeddings else None,
         })
+
+    # ---- the label rows -------------------------------------------------------------------------
+    def use_vocabulary(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
+        self.step_module.set_text_embeddings(vocab.embeddings.to(self.dev))
+
+    @torch.no_grad()
+    def fit_labels(self) -> None:
+        """Fit the annotated labels' rows to the (frozen, not yet trained) head's embeddings of their objects.
+
+        Every process embeds all training images in the same order and fits the same rows, so no
+        communication is needed and 1 and N processes train against identical rows.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        embeddings, targets = [], []
+        amp = self.cfg.amp and self.dev.type == "cuda"
+        for index in range(len(self.dataset)):
+            batch = to_device(collate_examples([self.dataset[index]]), self.dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp) if amp else contextlib.nullcontext():
+                if self.store is not None:
+                    feats, _ = self.store.get(self.model, batch["index"], batch["images"])
+                else:
+                    feats = self.model.trunk(batch["images"])
+                keep = unique_instances(batch["mask_index"])
+                embeddings.append(self.step_module.roi_embeddings(batch, feats)[keep].float().cpu())
+            targets.append(batch["labels"][keep].cpu())
+        self.model.train(was_training)
+        self.label_fit = fit_label_embeddings(self.vocab, torch.cat(embeddings), torch.cat(targets),
+                                              self.model.head.logit_scale)
+        self.use_vocabulary(self.label_fit.vocabulary)
+        self.notify({"event": "fit_labels", **self.label_fit.summary()})
+        if self.info.is_main and self.cfg.progress:
+            print(f"fitted label embeddings: {self.label_fit.summary()}", file=sys.stderr)
 
     # ---- training -------------------------------------------------------------------------------
     def train(self) -> None:
         cfg, info = self.cfg, self.info
         logger = RunLogger(self.out_dir, self.total_steps, self.step, info.is_main, cfg.progress, cfg.tensorboard,
                            desc="finetune")
-        store = FeatureStore() if cfg.cache_features else None
+        store = self.store
         self.model.train()
         self.notify({"event": "start", "total_steps": self.total_steps, "step": self.step, "epochs": cfg.epochs,
                      "train_images": len(self.train_samples), "val_images": len(self.val_samples)})
@@ -521,6 +579,8 @@ class _Run:
                 metrics["before"] = before
             provenance = _provenance(cfg, self.base, self.data, self.info, len(self.train_samples),
                                      len(self.val_samples), self.step)
+            if self.label_fit is not None:
+                provenance["label_fit"] = self.label_fit.summary()
             if save:
                 artifact_path = Path(cfg.artifact) if cfg.artifact else self.out_dir / "model.safetensors"
                 save_artifact(artifact_path, self.model, self.vocab, version, provenance, metrics,
@@ -534,7 +594,7 @@ class _Run:
 
 RESUME_KEYS = ("base", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "milestones",
                "gamma", "max_norm", "num_points", "augment", "seed", "val_fraction", "split_seed", "head_mask_pooling",
-               "decoder_high_res")
+               "decoder_high_res", "fit_label_embeddings")
 
 
 def _warn_changed(saved: Dict[str, Any], cfg: FinetuneConfig, info: DistInfo) -> None:
@@ -617,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out share of tasks")
     p.add_argument("--split-seed", type=int, default=d.split_seed)
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (0 with --fit-label-embeddings: only fit the label rows)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per process")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=float, default=d.lr)
@@ -644,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-high-res", action="store_true",
                    help="add the trunk's stride-8/4 maps to the mask decoder's upscaling (sharper edges; "
                         "new weights start at zero, so train the decoder after)")
+    p.add_argument("--fit-label-embeddings", action="store_true",
+                   help="first fit the annotated labels' embeddings to the base head's view of their objects "
+                        "(names its text tower does not know; stored in the artifact and served)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: DEVICE or the local GPU)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -674,7 +737,7 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneC
         num_proposals=args.num_proposals, num_box_prompts=args.num_box_prompts, augment=not args.no_augment,
         ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, train_mask_decoder=not args.freeze_mask_decoder, train_fpn=not args.freeze_fpn,
         head_mask_pooling=None if args.roi_pooling is None else args.roi_pooling == "mask",
-        decoder_high_res=args.decoder_high_res, seed=args.seed, device=args.device,
+        decoder_high_res=args.decoder_high_res, fit_label_embeddings=args.fit_label_embeddings, seed=args.seed, device=args.device,
         amp=not args.no_amp, workers=args.workers, resume=args.resume, checkpoint_interval=args.checkpoint_interval,
         eval_prompts=tuple(s.strip() for s in args.eval_prompts.split(",") if s.strip()), eval_before=args.eval_before,
         max_eval_images=args.max_eval_images, progress=not args.no_progress, tensorboard=not args.no_tensorboard,

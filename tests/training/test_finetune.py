@@ -362,3 +362,46 @@ def test_mask_pooling_classifies_gt_masks_in_training(world, tmp_path):
 
     result = finetune(_cfg(world, tmp_path / "run", base=str(base), augment=False, cache_features=True, max_steps=3))
     assert load_artifact(result.artifact).model.cfg.head_mask_pooling
+
+
+def test_cli_fit_label_embeddings_alone_moves_only_the_label_rows(world, tmp_path):
+    """`--fit-label-embeddings --max-steps 0`: the head stays the base's, the artifact's rows are fitted to the
+    annotated objects (they name them at least as well as the text rows did), and they are what is served."""
+    from ovsam.artifact import load_artifact
+    from training.vocab_cli import project_vocabulary
+
+    argv = _cli_argv(world, tmp_path / "fit", "--max-steps", "0", "--no-augment", "--cache-features",
+                     "--fit-label-embeddings")
+    assert main_finetune(argv) == 0
+    out = tmp_path / "fit" / "model.safetensors"
+    before, after = _head(world["artifact"]), _head(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    art, base = load_artifact(out), load_artifact(world["artifact"])
+    labels = art.vocabulary.labels
+    assert not torch.allclose(art.vocabulary.embeddings.float(), project_vocabulary(base, labels).embeddings.float())
+    fit = art.provenance["label_fit"]
+    assert sum(fit["objects"].values()) > 0 and fit["train_accuracy_after"] >= fit["train_accuracy_before"]
+    assert art.provenance["steps"] == 0
+    assert torch.equal(project_vocabulary(art, labels).embeddings, art.vocabulary.embeddings)  # served as fitted
+    with pytest.raises(ValueError, match="max-steps 0"):
+        _cfg(world, tmp_path, max_steps=0)
+
+
+def test_fitted_rows_train_the_head_and_survive_a_resume(world, tmp_path):
+    """With steps after the fit, the head trains against the fitted rows; a run killed mid-way resumes with
+    the same rows (not refitted to a changed head) and ends where the uninterrupted run ends."""
+    from ovsam.artifact import load_artifact
+
+    kw = dict(augment=False, cache_features=True, fit_label_embeddings=True, train_mask_decoder=False, epochs=2,
+              checkpoint_interval=1)
+    full = finetune(_cfg(world, tmp_path / "full", **kw))
+    with pytest.raises(Crash):
+        finetune(_cfg(world, tmp_path / "cut", **kw),
+                 on_progress=lambda e: (_ for _ in ()).throw(Crash()) if e["event"] == "step" and e["step"] == 3 else None)
+    finetune(_cfg(world, tmp_path / "cut", resume=True, **kw))
+    a, b = load_artifact(tmp_path / "full" / "model.safetensors"), load_artifact(tmp_path / "cut" / "model.safetensors")
+    assert torch.equal(a.vocabulary.embeddings, b.vocabulary.embeddings)
+    assert torch.equal(a.vocabulary.embeddings, full.vocabulary.embeddings)
+    for k, v in a.model.head.state_dict().items():
+        assert torch.equal(v, b.model.head.state_dict()[k]), k
+    assert not torch.equal(a.model.head.roi_conv.weight, load_artifact(world["artifact"]).model.head.roi_conv.weight)
