@@ -33,9 +33,9 @@ from ovsam.vocabulary import Vocabulary
 from training import losses as L
 from training.dataset import (CLIP2SAMDataset, ExampleConfig, FeatureStore, TrainingData, collate_examples,
                               load_training_data, make_image_source, read_label_config)
-from training.label_fit import LabelFit, fit_label_embeddings, unique_instances
 from training.distributed import (DistInfo, RunLogger, ShardedSampler, all_reduce_sum, barrier, cleanup_distributed,
                                   init_distributed, wrap_ddp)
+from training.label_fit import LabelFit, fit_label_embeddings, unique_instances
 from training.optim import (build_adamw, default_warmup, load_training_state, param_groups, rng_states,
                             save_training_state, seed_everything, set_rng_states, warmup_multistep)
 
