@@ -156,15 +156,17 @@ def bench_ours(b: Bench, cfg_name: str, image: np.ndarray, points: List[np.ndarr
 
     # Warm the click path on zero features of the right shapes (no image encoder run needed).
     dev = b.device
-    d = cfg.prompt_embed_dim
-    high_res = [torch.zeros(1, d // 4, s // 8, s // 8, device=dev), torch.zeros(1, d // 8, s // 4, s // 4, device=dev)]
+    c2, c3 = cfg.trunk_channels[:2]
+    with torch.no_grad():
+        high_res = model.head.high_res_features([torch.zeros(1, c2, s // 4, s // 4, device=dev),
+                                                 torch.zeros(1, c3, s // 8, s // 8, device=dev)])
     fake = ImageFeatures(
         torch.zeros(1, cfg.prompt_embed_dim, g, g, device=dev),
         [torch.zeros(1, cfg.fpn_channels, s // st, s // st, device=dev) for st in (4, 8, 16, 32)],
         torch.zeros(1, cfg.trunk_channels[3], s // 32, s // 32, device=dev),
         ImageFrame.for_image(h, w, s),
         tuple(torch.zeros(1, cfg.trunk_channels[3], s // 32, s // 32, device=dev) for _ in range(2)),
-        high_res if cfg.decoder_high_res else None,
+        high_res,
     )
     for _ in range(2):
         pred.predict(points[0], one, features=fake)

@@ -69,11 +69,16 @@ class CLIP2SAMHead(nn.Module):
             nn.init.zeros_(conv.bias)
         self.mask_decoder.high_res_proj = proj.to(self.label_token.weight.device)
 
+    @property
+    def reads_high_res(self) -> bool:
+        """Whether the decoder has the high-resolution projections (`decoder_high_res`, or added by a fine-tune)."""
+        return hasattr(self.mask_decoder, "high_res_proj")
+
     def high_res_features(self, clip_feats: Sequence[torch.Tensor]) -> Optional[List[torch.Tensor]]:
-        """[stride-8, stride-4] maps for `decode_masks` from C2..C5, or None without `decoder_high_res`."""
-        proj = getattr(self.mask_decoder, "high_res_proj", None)
-        if proj is None:
+        """[stride-8, stride-4] maps for `decode_masks` from C2, C3 (C4, C5 may follow), or None without them."""
+        if not self.reads_high_res:
             return None
+        proj = self.mask_decoder.high_res_proj
         return [proj[0](clip_feats[1]), proj[1](clip_feats[0])]
 
     def pyramid(self, clip_feats: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -96,7 +101,7 @@ class CLIP2SAMHead(nn.Module):
         high_res: `high_res_features` of the same B images, required with `decoder_high_res`.
         """
         dec = self.mask_decoder
-        if hasattr(dec, "high_res_proj") and high_res is None:
+        if self.reads_high_res and high_res is None:
             raise ValueError("this model's decoder reads high-resolution trunk maps: pass high_res")
         n = sparse.shape[0]
         tokens = torch.cat([self.label_token.weight, dec.mask_tokens.weight], dim=0)
@@ -111,7 +116,7 @@ class CLIP2SAMHead(nn.Module):
         hs, src = dec.transformer(src, pos, tokens)
         mask_token_out = hs[:, 1]
         src = src.transpose(1, 2).reshape(b, c, h, w)
-        if hasattr(dec, "high_res_proj"):
+        if self.reads_high_res:
             s8, s4 = (f[:1].expand(n, -1, -1, -1) if image_index is None else f[image_index] for f in high_res)
             up1, norm, act1, up2, act2 = dec.output_upscaling
             upscaled = act2(up2(act1(norm(up1(src) + s8))) + s4)

@@ -315,7 +315,7 @@ def finetune(
     run.setup(data, base, images)
     run.resume()
     before = run.evaluate() if cfg.eval_before and run.step == 0 else None
-    if cfg.fit_label_embeddings and run.step == 0 and run.epoch == 0 and run.skip_micro == 0:
+    if cfg.fit_label_embeddings and run.step == 0:  # a resumed run (step > 0) restored its fitted rows
         run.fit_labels()
     run.train()
     result = run.finish(save, before)
