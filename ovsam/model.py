@@ -85,6 +85,20 @@ class OVSAM(nn.Module):
                 module.eval()
         return self
 
+    def set_image_size(self, image_size: int) -> None:
+        """Run the model at another input side (a multiple of 32). Small objects get more pixels at a larger
+        side; the trunk is convolutional, the neck's position embeddings are resampled, and the prompt encoder
+        draws its grid for the new side. Features change scale, so the head should be trained after."""
+        cfg = self.cfg.replace(image_size=int(image_size))  # validates the side
+        if cfg.image_size == self.cfg.image_size:
+            return
+        self.neck.resize_grid(cfg.embedding_size)
+        g = cfg.embedding_size
+        self.prompt_encoder.image_embedding_size = (g, g)
+        self.prompt_encoder.input_image_size = (cfg.image_size, cfg.image_size)
+        self.prompt_encoder.mask_input_size = (4 * g, 4 * g)
+        self.cfg = cfg
+
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device

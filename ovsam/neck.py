@@ -7,6 +7,7 @@ import torch
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Block
 from torch import nn
+from torch.nn import functional as F
 
 from .config import OVSAMConfig
 
@@ -67,6 +68,23 @@ class SAM2CLIPNeck(nn.Module):
             nn.Conv2d(out, out, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(out),
         )
+
+    @torch.no_grad()
+    def resize_grid(self, grid: int) -> None:
+        """Take a stride-16 grid of another side: the position embedding resampled (bicubic) and the
+        global-attention blocks' relative positions resampled as SAM's `get_rel_pos` would (linear), so the
+        weights keep their meaning and the module matches a freshly built one of that grid."""
+        pe = self.pos_embed.permute(0, 3, 1, 2)
+        pe = F.interpolate(pe, size=(grid, grid), mode="bicubic", align_corners=False)
+        self.pos_embed = pe.permute(0, 2, 3, 1).contiguous()
+        for block in self.blocks:
+            if block.window_size:  # windowed blocks see window_size x window_size whatever the grid
+                continue
+            attn = block.attn
+            for name in ("rel_pos_h", "rel_pos_w"):
+                old = getattr(attn, name)
+                new = F.interpolate(old.t()[None], size=2 * grid - 1, mode="linear")[0].t()
+                setattr(attn, name, nn.Parameter(new.contiguous(), requires_grad=old.requires_grad))
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
         x = None

@@ -108,6 +108,9 @@ class FinetuneConfig:
     # True gives a base without them the decoder's high-resolution inputs (`OVSAMConfig.decoder_high_res`),
     # zero-initialised so training starts from the base's masks; a base that has them keeps them either way.
     decoder_high_res: bool = False
+    # The input side the new model runs at (a multiple of 32); None keeps the base's. A larger side gives small
+    # objects more pixels (`OVSAM.set_image_size`); the head and decoder see features of another scale, so train.
+    image_size: Optional[int] = None
     # True: before training, the rows of the project's annotated labels are fitted to the base head's
     # embeddings of their objects (`training.label_fit`), and training and the artifact use the fitted rows.
     # For names the base model's text tower does not tie to objects it already tells apart.
@@ -121,6 +124,8 @@ class FinetuneConfig:
             raise ValueError("--cache-features needs --no-augment: augmented images change every epoch")
         if self.decoder_high_res and not self.train_mask_decoder:
             raise ValueError("--decoder-high-res adds decoder weights that only train with the mask decoder")
+        if self.image_size is not None and (self.image_size < 32 or self.image_size % 32):
+            raise ValueError(f"--image-size must be a positive multiple of 32, got {self.image_size}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError("--max-steps must be >= 0")
         if self.max_steps == 0 and not self.fit_label_embeddings:
@@ -357,6 +362,8 @@ class _Run:
         if cfg.decoder_high_res and not model.cfg.decoder_high_res:
             model.cfg = model.cfg.replace(decoder_high_res=True)
             model.head.add_high_res_projections(model.cfg)
+        if cfg.image_size is not None:
+            model.set_image_size(cfg.image_size)
         if cfg.train_all:
             model.trunk.requires_grad_(True)
             model.neck.requires_grad_(True)
@@ -594,7 +601,7 @@ class _Run:
 
 RESUME_KEYS = ("base", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "milestones",
                "gamma", "max_norm", "num_points", "augment", "seed", "val_fraction", "split_seed", "head_mask_pooling",
-               "decoder_high_res", "fit_label_embeddings")
+               "decoder_high_res", "fit_label_embeddings", "image_size")
 
 
 def _warn_changed(saved: Dict[str, Any], cfg: FinetuneConfig, info: DistInfo) -> None:
@@ -704,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-high-res", action="store_true",
                    help="add the trunk's stride-8/4 maps to the mask decoder's upscaling (sharper edges; "
                         "new weights start at zero, so train the decoder after)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="run the new model at this input side (multiple of 32; default: the base's): more pixels "
+                        "for small objects, at more compute; train after, the features change scale")
     p.add_argument("--fit-label-embeddings", action="store_true",
                    help="first fit the annotated labels' embeddings to the base head's view of their objects "
                         "(names its text tower does not know; stored in the artifact and served)")
@@ -737,7 +747,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneC
         num_proposals=args.num_proposals, num_box_prompts=args.num_box_prompts, augment=not args.no_augment,
         ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, train_mask_decoder=not args.freeze_mask_decoder, train_fpn=not args.freeze_fpn,
         head_mask_pooling=None if args.roi_pooling is None else args.roi_pooling == "mask",
-        decoder_high_res=args.decoder_high_res, fit_label_embeddings=args.fit_label_embeddings, seed=args.seed, device=args.device,
+        decoder_high_res=args.decoder_high_res, fit_label_embeddings=args.fit_label_embeddings,
+        image_size=args.image_size, seed=args.seed, device=args.device,
         amp=not args.no_amp, workers=args.workers, resume=args.resume, checkpoint_interval=args.checkpoint_interval,
         eval_prompts=tuple(s.strip() for s in args.eval_prompts.split(",") if s.strip()), eval_before=args.eval_before,
         max_eval_images=args.max_eval_images, progress=not args.no_progress, tensorboard=not args.no_tensorboard,

@@ -323,3 +323,35 @@ def test_high_res_decode_follows_image_index(cfg):
     torch.testing.assert_close(both[0], only1[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(both[1], only0[0], rtol=1e-4, atol=1e-5)
     assert m.head.high_res_features(feats) is not None and OVSAM(cfg).head.high_res_features(feats) is None
+
+
+def test_set_image_size_matches_a_fresh_model_of_that_side_and_keeps_the_weights_meaning(cfg):
+    """A model moved to another input side has a fresh model's shapes (its artifact loads strictly), and its
+    resampled relative positions give what SAM's attention computes when it interpolates them itself."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    torch.manual_seed(3)
+    model = OVSAM(cfg).eval()
+    for block in model.neck.blocks:  # zero-initialised in a fresh model: give them content to resample
+        torch.nn.init.normal_(block.attn.rel_pos_h)
+        torch.nn.init.normal_(block.attn.rel_pos_w)
+    global_blocks = [b for b in model.neck.blocks if not b.window_size]
+    assert global_blocks
+    old_rel = global_blocks[0].attn.rel_pos_h.detach().clone()
+    side = cfg.image_size + 32
+    model.set_image_size(side)
+    assert model.cfg.image_size == side and model.cfg.embedding_size == side // 16
+    fresh = OVSAM(cfg.replace(image_size=side))
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    g = side // 16
+    torch.testing.assert_close(get_rel_pos(g, g, global_blocks[0].attn.rel_pos_h), get_rel_pos(g, g, old_rel))
+    with torch.no_grad():
+        feats = model.encode_image(_image(60, 90))
+        assert tuple(feats.embedding.shape[-2:]) == (g, g)
+        sparse, dense = model.encode_prompts(torch.tensor([[[30.0, 40.0]]]), torch.ones(1, 1, dtype=torch.long))
+        low_res = model.decode(feats.embedding, sparse, dense, high_res=feats.high_res)
+    assert tuple(dense.shape[-2:]) == (g, g)
+    assert tuple(low_res.shape[-2:]) == (side // 4, side // 4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model.set_image_size(side + 16)

@@ -405,3 +405,20 @@ def test_fitted_rows_train_the_head_and_survive_a_resume(world, tmp_path):
     for k, v in a.model.head.state_dict().items():
         assert torch.equal(v, b.model.head.state_dict()[k]), k
     assert not torch.equal(a.model.head.roi_conv.weight, load_artifact(world["artifact"]).model.head.roi_conv.weight)
+
+
+def test_cli_image_size_moves_the_new_model_to_that_side(world, tmp_path):
+    """`--image-size` trains and writes the model at another input side; the artifact loads and predicts there."""
+    from ovsam.artifact import load_artifact, read_artifact_metadata
+
+    base_side = read_artifact_metadata(world["artifact"])["config"]["image_size"]
+    argv = _cli_argv(world, tmp_path / "big", "--max-steps", "2", "--no-augment", "--cache-features",
+                     "--image-size", str(base_side + 32))
+    assert main_finetune(argv) == 0
+    out = load_artifact(tmp_path / "big" / "model.safetensors")
+    assert out.model.cfg.image_size == base_side + 32
+    with torch.no_grad():
+        feats = out.model.encode_image(np.zeros((40, 50, 3), np.uint8))
+    assert feats.embedding.shape[-1] == (base_side + 32) // 16
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _cfg(world, tmp_path, image_size=base_side + 8)
