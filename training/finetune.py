@@ -474,8 +474,7 @@ class _Run:
                 embeddings.append(self.step_module.roi_embeddings(batch, feats)[keep].float().cpu())
             targets.append(batch["labels"][keep].cpu())
         self.model.train(was_training)
-        self.label_fit = fit_label_embeddings(self.vocab, torch.cat(embeddings), torch.cat(targets),
-                                              self.model.head.logit_scale)
+        self.label_fit = fit_label_embeddings(self.vocab, torch.cat(embeddings), torch.cat(targets))
         self.use_vocabulary(self.label_fit.vocabulary)
         self.notify({"event": "fit_labels", **self.label_fit.summary()})
         if self.info.is_main and self.cfg.progress:

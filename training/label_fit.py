@@ -5,9 +5,14 @@ A project that names objects the base model already tells apart, but with words 
 tie to them (a demo model's tiny tower, in-house names, codes), starts near chance. Retraining the head
 on the project's few annotations relearns from scratch what it already knew; moving only the label rows
 keeps the head and needs a handful of examples per label. The fit is a multinomial logistic regression
-on the frozen head's unit-norm RoI embeddings, with the head's own cosine logits (fixed scale, a
-background logit of 0), started from each label's prototype (the mean embedding of its objects). Labels
-without an annotated object keep their text embedding.
+on the frozen head's unit-norm RoI embeddings, with the head's cosine logits (a background logit of 0) at a
+softer scale than the head's 100, started from each label's prototype (the mean embedding of its objects).
+Labels without an annotated object keep their text embedding.
+
+Why softer: with tens of objects per label whose classes overlap, the head's scale fits the rows' margins to
+the few hardest objects and names fewer new ones right. At 30, on the demo model's embeddings of 38 annotated
+loop tasks (3 data seeds, 5 draws each), held-out click accuracy was 0.903 / 0.972 / 0.934 against 0.889 /
+0.974 / 0.915 at 100; the scale does not change which label wins at inference, only how the rows sit.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from ovsam.vocabulary import Vocabulary
 
 FIT_STEPS = 300
 FIT_LR = 0.05
+FIT_LOGIT_SCALE = 30.0
 
 
 @dataclass
@@ -50,7 +56,7 @@ def fit_label_embeddings(
     vocab: Vocabulary,
     embeddings: torch.Tensor,
     targets: torch.Tensor,
-    logit_scale: float,
+    logit_scale: float = FIT_LOGIT_SCALE,
     steps: int = FIT_STEPS,
     lr: float = FIT_LR,
 ) -> LabelFit:

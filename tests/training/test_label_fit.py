@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ovsam.vocabulary import Vocabulary
-from training.label_fit import fit_label_embeddings, label_accuracy, unique_instances
+from training.label_fit import FIT_LOGIT_SCALE, fit_label_embeddings, label_accuracy, unique_instances
 
 DIM = 16
 
@@ -43,6 +43,21 @@ def test_unrelated_names_start_near_chance_and_fitted_rows_name_new_objects(cent
     torch.testing.assert_close(norms, torch.ones_like(norms))
     assert fit.objects == {"label0": 5, "label1": 5, "label2": 5, "label3": 5}
     assert fit.vocabulary.labels == vocab.labels and torch.equal(fit.vocabulary.is_base, vocab.is_base)
+
+
+def test_the_default_softer_fit_names_more_new_objects_of_overlapping_classes_than_the_heads_scale():
+    """Few annotated objects of classes that overlap: the head's scale (100) fits the rows to the hardest few."""
+    assert FIT_LOGIT_SCALE < 100.0
+    soft, sharp = [], []
+    for seed in range(6):
+        centres = F.normalize(torch.randn(4, DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
+        vocab = vocab_of(torch.randn(4, DIM, generator=torch.Generator().manual_seed(99)))
+        x, y = clusters(20, centres, 0.3, seed=10 + seed)
+        test_x, test_y = clusters(300, centres, 0.3, seed=100 + seed)
+        soft.append(label_accuracy(test_x, test_y, fit_label_embeddings(vocab, x, y).vocabulary.embeddings))
+        sharp.append(label_accuracy(test_x, test_y, fit_label_embeddings(vocab, x, y, logit_scale=100.0).vocabulary.embeddings))
+    assert sum(soft) / 6 > sum(sharp) / 6 + 0.01, (soft, sharp)
+    assert sum(a > b for a, b in zip(soft, sharp)) >= 5, (soft, sharp)
 
 
 def test_labels_without_objects_keep_their_text_rows_and_synonym_rows_share_the_fit(centres):
