@@ -173,9 +173,11 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
     phases = [result.provenance]
     later = [replace(ph, **{key: getattr(args, f"phase{ph.number}_{key}") for key in ("images", "epochs", "steps", "lr")})
              for ph in LATER_PHASES]
+    drawn = {}  # (seed, images, appearance) -> tasks file: a phase that draws an earlier phase's images reuses them
     for phase in (p for p in later if p.images > 0):
-        data = _synth(work / f"train{phase.number}", phase.images, phase.seed(args.data_seed), phase.appearance,
-                      progress)
+        key = (phase.seed(args.data_seed), phase.images, phase.appearance)
+        data = drawn.get(key) or _synth(work / f"train{phase.number}", *key, progress)
+        drawn[key] = data
         cfg = replace(cfg, base=result.artifact, data=str(data), val_fraction=0.02, out=str(work / f"run{phase.number}"),
                       version=f"ovsam-demo-{len(phases) + 1}", epochs=phase.epochs, max_steps=phase.steps,
                       lr=phase.lr, warmup_steps=100, num_proposals=phase.prompts[0], num_box_prompts=phase.prompts[1],

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -462,10 +462,9 @@ class _Run:
         was_training = self.model.training
         self.model.eval()
         embeddings, targets = [], []
-        amp = self.cfg.amp and self.dev.type == "cuda"
         for index in range(len(self.dataset)):
             batch = to_device(collate_examples([self.dataset[index]]), self.dev)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp) if amp else contextlib.nullcontext():
+            with self.autocast():
                 if self.store is not None:
                     feats, _ = self.store.get(self.model, batch["index"], batch["images"])
                 else:
@@ -532,9 +531,14 @@ class _Run:
                 break
         return micro
 
+    def autocast(self) -> ContextManager[Any]:
+        """bf16 autocast on CUDA unless --no-amp; nothing on CPU."""
+        if self.cfg.amp and self.dev.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def forward_backward(self, batch: Dict[str, Any], store: Optional[FeatureStore], group: int) -> Dict[str, float]:
-        amp = self.cfg.amp and self.dev.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp) if amp else contextlib.nullcontext():
+        with self.autocast():
             feats = emb = None
             if store is not None:
                 feats, emb = store.get(self.model, batch["index"], batch["images"])

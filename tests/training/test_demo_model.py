@@ -33,6 +33,8 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert meta["config"]["decoder_high_res"] is True
     assert provenance["phases"][6]["hyperparameters"]["image_size"] == 320 and meta["config"]["image_size"] == 320
     assert provenance["data"]["phase7_seed"] == provenance["data"]["phase6_seed"] == 6
+    assert provenance["phases"][6]["data"] == provenance["phases"][5]["data"]  # drawn once, read by both
+    assert not (work / "train7").exists()
     assert provenance["phases"][1]["hyperparameters"]["num_proposals"] == 16
     assert provenance["phases"][3]["hyperparameters"]["lr"] == 3e-4 and provenance["data"]["phase4_seed"] == 4
     assert all(p["hyperparameters"]["head_mask_pooling"] for p in provenance["phases"])
