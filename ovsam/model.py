@@ -154,6 +154,23 @@ class OVSAM(nn.Module):
         stride = self.cfg.image_size / low_res.shape[-1]
         return masks_to_boxes_exclusive(low_res[:, 0] > 0) * stride
 
+    def head_rois(self, low_res: torch.Tensor, head_boxes: Optional[torch.Tensor] = None,
+                  image_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The head's RoIs of predicted masks (their boxes unless given) and, with mask pooling, the masks' occupancy."""
+        if head_boxes is None:
+            head_boxes = self.mask_boxes(low_res)
+        rois = boxes_to_rois(head_boxes.float(), image_index if image_index is not None else 0)
+        weights = None
+        if self.cfg.head_mask_pooling:
+            weights = mask_occupancy(low_res[:, 0] > 0, rois, self.head.roi_size, low_res.shape[-1] / self.cfg.image_size)
+        return rois, weights
+
+    def served_roi_embeddings(self, pyramid: List[torch.Tensor], low_res: torch.Tensor,
+                              image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[N, D] head embeddings of predicted masks, exactly as `recognise` sees them before the cosine."""
+        rois, weights = self.head_rois(low_res, None, image_index)
+        return self.head.roi_embeddings(pyramid, rois, weights)
+
     def recognise(
         self,
         pyramid: List[torch.Tensor],
@@ -167,13 +184,8 @@ class OVSAM(nn.Module):
         clip_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Recognition:
         """Classify each mask against the vocabulary; boxes default to the predicted masks' boxes."""
-        if head_boxes is None:
-            head_boxes = self.mask_boxes(low_res)
+        rois, weights = self.head_rois(low_res, head_boxes, image_index)
         batch_idx = image_index if image_index is not None else 0
-        rois = boxes_to_rois(head_boxes.float(), batch_idx)
-        weights = None
-        if self.cfg.head_mask_pooling:
-            weights = mask_occupancy(low_res[:, 0] > 0, rois, self.head.roi_size, low_res.shape[-1] / self.cfg.image_size)
         head_logits = self.head.classify(pyramid, rois, text_embeddings, weights)
         if not self.cfg.use_clip_branch:
             return Recognition(F.log_softmax(head_logits, dim=-1), head_logits, None, rois)

@@ -28,6 +28,7 @@ from ovsam.vocabulary import Vocabulary
 FIT_STEPS = 300
 FIT_LR = 0.05
 FIT_LOGIT_SCALE = 30.0
+SERVED_MIN_IOU = 0.5  # an object's served outline takes part in the fit from this IoU with its annotation
 
 
 @dataclass

@@ -364,6 +364,56 @@ def test_mask_pooling_classifies_gt_masks_in_training(world, tmp_path):
     assert load_artifact(result.artifact).model.cfg.head_mask_pooling
 
 
+def test_the_label_fit_sees_each_object_as_the_served_model_does(tmp_path):
+    """Besides the annotated outline, the fit embeds what a click at each object's centre and its box make the served
+    model outline, exactly as the predictor does for those prompts; outlines far from the annotation are left out.
+    The shipped demo model: a random tiny model outlines the same blob whatever the prompt."""
+    from ovsam.artifact import load_artifact
+    from ovsam.predictor import OVSAMPredictor, Prompt
+    from training.dataset import CLIP2SAMDataset, ExampleConfig, collate_examples, load_training_data, make_image_source
+    from training.demo_model import DEFAULT_OUT
+    from training.evaluate import center_prompt
+    from training.finetune import CLIP2SAMTrainStep
+    from training.label_fit import unique_instances
+
+    art = load_artifact(DEFAULT_OUT)
+    model = art.model.eval()
+    data = load_training_data(make_synth(tmp_path / "synth", num_images=1, size=256, seed=5)["tasks"])
+    images = make_image_source(data.image_root)
+    sample = data.samples[0]
+    labels = list(art.vocabulary.labels)
+    ds = CLIP2SAMDataset([sample], {l: i for i, l in enumerate(labels)}, images,
+                         ExampleConfig(model.cfg.image_size, augment=False, seed=3), model.cfg)
+    batch = collate_examples([ds[0]])
+    keep = unique_instances(batch["mask_index"])
+    step = CLIP2SAMTrainStep(model, art.vocabulary.embeddings)
+    with torch.no_grad():
+        feats = model.trunk(batch["images"])
+        embedding = model.neck(feats)
+        every, every_labels = step.served_embeddings(batch, feats, embedding, keep, min_iou=0.0)
+        kept, _ = step.served_embeddings(batch, feats, embedding, keep)
+        none, _ = step.served_embeddings(batch, feats, embedding, keep, min_iou=1.01)
+    n = len(keep)
+    assert every.shape == (2 * n, model.cfg.clip_embed_dim) and none.shape[0] == 0 and n <= len(kept) <= 2 * n
+    assert torch.equal(every_labels, batch["labels"][keep].repeat(2))  # clicks first, then boxes
+
+    seen = []
+    original = model.head.roi_embeddings
+    model.head.roi_embeddings = lambda *a, **k: seen.append(original(*a, **k)) or seen[-1]
+    predictor = OVSAMPredictor(model, art.vocabulary, cache_bytes=0)
+    served = predictor.set_image(images.load(sample.image_ref))
+    scale = np.array(served.frame.scale_xy * 2, np.float32)
+    assert all(i.mask is not None and i.label in labels for i in sample.instances)  # instance k is example mask k
+    for j, position in enumerate(keep):
+        inst = sample.instances[int(batch["mask_index"][position])]
+        click = Prompt(points=center_prompt(inst.mask, served.frame), point_labels=np.ones(1, np.int64))
+        box = Prompt(box=batch["boxes"][position].numpy() / scale)
+        for prompt, row in ((click, j), (box, n + j)):
+            seen.clear()
+            predictor.predict_batch([prompt], features=served)
+            torch.testing.assert_close(every[row], seen[-1][0], atol=1e-4, rtol=1e-4)
+
+
 def test_cli_fit_label_embeddings_alone_moves_only_the_label_rows(world, tmp_path):
     """`--fit-label-embeddings --max-steps 0`: the head stays the base's, the artifact's rows are fitted to the
     annotated objects (they name them at least as well as the text rows did), and they are what is served."""
