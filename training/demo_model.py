@@ -176,7 +176,8 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
     drawn = {}  # (seed, images, appearance) -> tasks file: a phase that draws an earlier phase's images reuses them
     for phase in (p for p in later if p.images > 0):
         key = (phase.seed(args.data_seed), phase.images, phase.appearance)
-        data = drawn.get(key) or _synth(work / f"train{phase.number}", *key, progress)
+        data = drawn.get(key) or _synth(work / f"train{phase.number}", phase.images, phase.seed(args.data_seed),
+                                        phase.appearance, progress)
         drawn[key] = data
         cfg = replace(cfg, base=result.artifact, data=str(data), val_fraction=0.02, out=str(work / f"run{phase.number}"),
                       version=f"ovsam-demo-{len(phases) + 1}", epochs=phase.epochs, max_steps=phase.steps,

@@ -25,7 +25,9 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path, capsys):
     provenance = meta["provenance"]
     assert provenance["kind"] == "demo" and provenance["steps"] == 1  # the artifact is phase 7's output
     assert [p["steps"] for p in provenance["phases"]] == [3, 2, 1, 2, 1, 2, 1] and provenance["data"]["phase6_images"] == 4
-    assert [p.get("appearance") for p in provenance["phases"]] == [None, "random", "class", "class", "class", "class", "class"]
+    assert [p.get("appearance") for p in provenance["phases"]] == [None, "random"] + ["class"] * 5
+    for n, images in ((2, 4), (3, 4), (4, 4), (5, 4), (6, 4)):  # each phase drew its own count of images
+        assert len(json.loads((work / f"train{n}" / "tasks.json").read_text())) == images, n
     # Phases 1-5 train everything; phase 6 keeps trunk and neck frozen and gives the decoder the fine maps;
     # phase 7 trains the same split on phase 6's images at a 320 input.
     assert [p["hyperparameters"]["train_all"] for p in provenance["phases"]] == [True] * 5 + [False] * 2
