@@ -518,7 +518,8 @@ class _Run:
                 embeddings.append(served.float().cpu())
                 targets.append(labels.cpu())
         self.model.train(was_training)
-        self.label_fit = fit_label_embeddings(self.vocab, torch.cat(embeddings), torch.cat(targets))
+        self.label_fit = fit_label_embeddings(self.vocab, torch.cat(embeddings), torch.cat(targets),
+                                              objects=torch.cat(targets[::2]))  # the annotated view: one per object
         self.use_vocabulary(self.label_fit.vocabulary)
         self.notify({"event": "fit_labels", **self.label_fit.summary()})
         if self.info.is_main and self.cfg.progress:

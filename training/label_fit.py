@@ -17,7 +17,7 @@ loop tasks (3 data seeds, 5 draws each), held-out click accuracy was 0.903 / 0.9
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,12 @@ def fit_label_embeddings(
     logit_scale: float = FIT_LOGIT_SCALE,
     steps: int = FIT_STEPS,
     lr: float = FIT_LR,
+    objects: Optional[torch.Tensor] = None,
 ) -> LabelFit:
     """A vocabulary whose annotated labels' rows are fitted to `embeddings` [N, D] labelled `targets` [N].
+
+    When `embeddings` hold several views of each object (annotated outline, served outlines), `objects` gives one
+    label per object for the record (`LabelFit.objects`); by default every embedding is an object.
 
     Every synonym row of a fitted label becomes the same fitted row (the head takes the best of them).
     Deterministic for given inputs, so every process of a distributed run computes the same rows.
@@ -92,6 +96,8 @@ def fit_label_embeddings(
     fitted = F.normalize(rows.detach(), dim=-1)
     new = torch.where(seen.view(k, 1, 1), fitted.unsqueeze(1).expand_as(text), text)
     out = vocab.with_embeddings(new)
+    if objects is not None:
+        counts = torch.bincount(objects.detach().long().cpu(), minlength=k)[:k]
     objects = {label: int(c) for label, c in zip(vocab.labels, counts.tolist())}
     return LabelFit(out, objects, label_accuracy(feats, targets, text), label_accuracy(feats, targets, new))
 

@@ -72,6 +72,8 @@ def test_labels_without_objects_keep_their_text_rows_and_synonym_rows_share_the_
         assert torch.equal(rows[k, 0], rows[k, 1])
         assert not torch.allclose(rows[k], text[k])
     assert fit.vocabulary.synonyms == vocab.synonyms
+    views = fit_label_embeddings(vocab, torch.cat([x, x, x]), y.repeat(3), logit_scale=50.0, objects=y)
+    assert views.objects == fit.objects  # three views of each object are still one object each
 
 
 def test_fit_is_deterministic_and_refuses_empty_or_mismatched_input(centres):
