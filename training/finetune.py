@@ -37,6 +37,7 @@ from training.dataset import (CLIP2SAMDataset, ExampleConfig, FeatureStore, Trai
 from training.distributed import (DistInfo, RunLogger, ShardedSampler, all_reduce_sum, barrier, cleanup_distributed,
                                   init_distributed, wrap_ddp)
 from training.data.prompts import center_point
+from training.metrics import mask_iou
 from training.label_fit import SERVED_MIN_IOU, LabelFit, fit_label_embeddings, unique_instances
 from training.optim import (build_adamw, default_warmup, load_training_state, param_groups, rng_states,
                             save_training_state, seed_everything, set_rng_states, warmup_multistep)
@@ -184,7 +185,7 @@ class CLIP2SAMTrainStep(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.image_side_trains):
                 feats = m.trunk(batch["images"])
                 embedding = m.neck(feats)
-        logits = cosine_logits(self.roi_embeddings(batch, feats), self.text_embeddings, m.head.logit_scale)
+        logits = cosine_logits(self.roi_embeddings(batch, m.head.pyramid(feats)), self.text_embeddings, m.head.logit_scale)
         image_index = batch["image_index"]
         dec = torch.nonzero(batch["has_mask"], as_tuple=True)[0]  # box-only instances train only the classifier
         if not self.decoder_trains:
@@ -196,47 +197,46 @@ class CLIP2SAMTrainStep(nn.Module):
         zero = sum(p.sum() for p in self._trainable) * 0.0
         return {"logits": logits, "low_res": low_res, "decoded": dec, "zero": zero}
 
-    def roi_embeddings(self, batch: Dict[str, Any], feats: List[torch.Tensor]) -> torch.Tensor:
+    def roi_embeddings(self, batch: Dict[str, Any], pyramid: List[torch.Tensor]) -> torch.Tensor:
         """[N, D] head embeddings of the batch's annotated objects (their GT boxes, and masks when pooled by mask)."""
         m = self.model
         rois = boxes_to_rois(batch["boxes"].float(), batch["image_index"])
         weights = None
         if m.cfg.head_mask_pooling:  # GT masks (in the input frame); box-only instances fall back to the box
             weights = mask_occupancy(batch["masks"], rois, m.head.roi_size, 1.0, batch["mask_index"])
-        return m.head.roi_embeddings(m.head.pyramid(feats), rois, weights)
+        return m.head.roi_embeddings(pyramid, rois, weights)
 
     @torch.no_grad()
-    def served_embeddings(self, batch: Dict[str, Any], feats: List[torch.Tensor], embedding: torch.Tensor,
-                          keep: List[int], min_iou: float = SERVED_MIN_IOU) -> Tuple[torch.Tensor, torch.Tensor]:
+    def served_embeddings(self, batch: Dict[str, Any], pyramid: List[torch.Tensor], embedding: torch.Tensor,
+                          high_res: Optional[List[torch.Tensor]], keep: List[int],
+                          min_iou: float = SERVED_MIN_IOU) -> Tuple[torch.Tensor, torch.Tensor]:
         """Head embeddings of what the served model outlines for an annotator's prompts, with their labels.
 
         For each annotated object (prompt positions `keep`, one per object) with a mask: a click at its centre
         (`center_point`, the evaluation's click) and its box go through the mask decoder, and the head embeds
-        the predicted masks as `recognise` does. An outline below `min_iou` with the annotation is dropped: its
-        embedding shows another object (a click on a cross that outlined the ring behind it) under this label.
+        the predicted masks as `recognise` does (clicks first, then boxes). An outline whose `mask_iou` with the
+        annotation is under `min_iou` is dropped: its embedding shows another object (a click on a cross that
+        outlined the ring behind it) under this label.
         """
         m = self.model
         keep_t = torch.as_tensor(keep, dtype=torch.long, device=batch["labels"].device)
         keep_t = keep_t[batch["has_mask"][keep_t]]
-        if keep_t.numel() == 0:
+        if keep_t.numel() == 0:  # box-only annotations: nothing to click at
             return embedding.new_zeros(0, m.cfg.clip_embed_dim), batch["labels"][:0]
-        gt = batch["masks"][batch["mask_index"][keep_t]].bool()
-        points = torch.tensor([center_point(g.cpu().numpy()) for g in gt], dtype=torch.float32, device=embedding.device)
-        image_index = batch["image_index"][keep_t]
-        pyramid, high_res = m.head.pyramid(feats), m.head.high_res_features(feats)
-        prompts = (m.encode_prompts(points=points.unsqueeze(1), point_labels=torch.ones_like(points[:, :1], dtype=torch.long)),
+        labels, image_index = batch["labels"][keep_t], batch["image_index"][keep_t]
+        gt = batch["masks"][batch["mask_index"][keep_t]].bool().cpu().numpy()
+        points = torch.tensor([center_point(g) for g in gt], dtype=torch.float32, device=embedding.device).view(-1, 1, 2)
+        prompts = (m.encode_prompts(points=points, point_labels=torch.ones_like(points[..., 0], dtype=torch.long)),
                    m.encode_prompts(boxes=batch["boxes"][keep_t].float()))
-        out, labels = [], []
+        size, h, w = m.cfg.image_size, gt.shape[1], gt.shape[2]
+        out, out_labels = [], []
         for sparse, dense in prompts:
             low_res = m.decode(embedding, sparse, dense, image_index, high_res).float()
-            size = m.cfg.image_size
-            pred = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[:, 0, : gt.shape[1], : gt.shape[2]] > 0
-            inter = (pred & gt).flatten(1).sum(1).float()
-            union = (pred | gt).flatten(1).sum(1).clamp(min=1).float()
-            good = inter / union >= min_iou
+            pred = (F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[:, 0, :h, :w] > 0).cpu().numpy()
+            good = torch.tensor([mask_iou(g, p) >= min_iou for g, p in zip(gt, pred)], dtype=torch.bool, device=labels.device)
             out.append(m.served_roi_embeddings(pyramid, low_res, image_index)[good])
-            labels.append(batch["labels"][keep_t][good])
-        return torch.cat(out), torch.cat(labels)
+            out_labels.append(labels[good])
+        return torch.cat(out), torch.cat(out_labels)
 
     def set_text_embeddings(self, embeddings: torch.Tensor) -> None:
         self.text_embeddings.copy_(embeddings.float())
@@ -502,7 +502,7 @@ class _Run:
         """
         was_training = self.model.training
         self.model.eval()
-        embeddings, targets = [], []
+        annotated, objects, served, served_labels = [], [], [], []
         for index in range(len(self.dataset)):
             batch = to_device(collate_examples([self.dataset[index]]), self.dev)
             with self.autocast():
@@ -511,15 +511,16 @@ class _Run:
                 else:
                     feats = self.model.trunk(batch["images"])
                     embedding = self.model.neck(feats)
+                pyramid, high_res = self.model.head.pyramid(feats), self.model.head.high_res_features(feats)
                 keep = unique_instances(batch["mask_index"])
-                embeddings.append(self.step_module.roi_embeddings(batch, feats)[keep].float().cpu())
-                targets.append(batch["labels"][keep].cpu())
-                served, labels = self.step_module.served_embeddings(batch, feats, embedding, keep)
-                embeddings.append(served.float().cpu())
-                targets.append(labels.cpu())
+                annotated.append(self.step_module.roi_embeddings(batch, pyramid)[keep].float().cpu())
+                objects.append(batch["labels"][keep].cpu())
+                views, labels = self.step_module.served_embeddings(batch, pyramid, embedding, high_res, keep)
+                served.append(views.float().cpu())
+                served_labels.append(labels.cpu())
         self.model.train(was_training)
-        self.label_fit = fit_label_embeddings(self.vocab, torch.cat(embeddings), torch.cat(targets),
-                                              objects=torch.cat(targets[::2]))  # the annotated view: one per object
+        self.label_fit = fit_label_embeddings(self.vocab, torch.cat(annotated + served), torch.cat(objects + served_labels),
+                                              objects=torch.cat(objects))
         self.use_vocabulary(self.label_fit.vocabulary)
         self.notify({"event": "fit_labels", **self.label_fit.summary()})
         if self.info.is_main and self.cfg.progress:

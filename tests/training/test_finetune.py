@@ -389,10 +389,10 @@ def test_the_label_fit_sees_each_object_as_the_served_model_does(tmp_path):
     step = CLIP2SAMTrainStep(model, art.vocabulary.embeddings)
     with torch.no_grad():
         feats = model.trunk(batch["images"])
-        embedding = model.neck(feats)
-        every, every_labels = step.served_embeddings(batch, feats, embedding, keep, min_iou=0.0)
-        kept, _ = step.served_embeddings(batch, feats, embedding, keep)
-        none, _ = step.served_embeddings(batch, feats, embedding, keep, min_iou=1.01)
+        inputs = (batch, model.head.pyramid(feats), model.neck(feats), model.head.high_res_features(feats), keep)
+        every, every_labels = step.served_embeddings(*inputs, min_iou=0.0)
+        kept, _ = step.served_embeddings(*inputs)
+        none, _ = step.served_embeddings(*inputs, min_iou=1.01)
     n = len(keep)
     assert every.shape == (2 * n, model.cfg.clip_embed_dim) and none.shape[0] == 0 and n <= len(kept) <= 2 * n
     assert torch.equal(every_labels, batch["labels"][keep].repeat(2))  # clicks first, then boxes
