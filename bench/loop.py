@@ -80,6 +80,17 @@ class Task:
     labels: list[str]
 
 
+# The generator draws image i of a seed the same whatever the count, so a held-out seed of seed + 1 made one data
+# seed's held-out images the first images of the next seed's pool (with --seeds 7,8,9, seed 7's test images were in
+# seed 8's pool). The demo recipe's held-out set is drawn at its data seed + 1000 too.
+HELD_OUT_SEED_OFFSET = 1000
+
+
+def held_out_seed(seed: int) -> int:
+    """The generator seed of a data seed's held-out images: far from any other data seed's pool."""
+    return seed + HELD_OUT_SEED_OFFSET
+
+
 def make_split(out: Path, n: int, seed: int, classes: str, upload_dir: int, first_id: int) -> list[Task]:
     """`python -m training synth` into `out`, with image URLs under Label Studio's /data/upload/<dir>/."""
     from training.data.brush import decode_brush
@@ -499,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orders", default="active,random", help="comma list of: active, random")
     p.add_argument("--classes", default=DEFAULT_CLASSES, help="the project's labels as label=shape pairs")
     p.add_argument("--training-options", default=None, help="JSON overrides of the training jobs' settings")
-    p.add_argument("--seed", type=int, default=7, help="data seed (the held-out split uses seed+1)")
+    p.add_argument("--seed", type=int, default=7, help=f"data seed (the held-out split uses seed+{HELD_OUT_SEED_OFFSET})")
     p.add_argument("--seeds", default=None,
                    help="comma list of data seeds: the whole loop on each (fresh data, backends and models), "
                         "then both orderings compared over all of them (overrides --seed)")
@@ -512,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_seed(seed: int, args: argparse.Namespace, orders: list[str], training: dict[str, Any], work: Path) -> dict[str, Any]:
     """Every ordering on one data seed's pool and held-out tasks; its per-round results and summary."""
     pool = make_split(work / "pool", args.pool, seed, args.classes, 1, 1)
-    held_out = make_split(work / "held_out", args.held_out, seed + 1, args.classes, 2, 100_001)
+    held_out = make_split(work / "held_out", args.held_out, held_out_seed(seed), args.classes, 2, 100_001)
     image_dirs = {"/data/upload/1": work / "pool" / "images", "/data/upload/2": work / "held_out" / "images"}
     label_config = (work / "pool" / "label_config.xml").read_text()
     labels = sorted({label for t in pool for label in t.labels})
@@ -561,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--seeds takes a comma list of integers, got {args.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise SystemExit(f"--seeds needs distinct seeds, got {args.seeds!r}")
+    if set(seeds) & {held_out_seed(s) for s in seeds}:
+        raise SystemExit(f"--seeds {args.seeds!r}: a seed's pool would be another seed's held-out images "
+                         f"(held-out seed = seed + {HELD_OUT_SEED_OFFSET})")
     if not args.base.is_file():
         raise SystemExit(f"no model at {args.base}: train one (scripts/train_demo_model.sh) or pass --base")
     if args.rounds * args.per_round > args.pool:

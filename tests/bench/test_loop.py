@@ -49,6 +49,17 @@ def test_orderings_compared_over_seeds():
 
 
 @pytest.mark.slow
+def test_no_seed_tests_on_another_seeds_pool(tmp_path):
+    """With --seeds 7,8 the held-out images of seed 7 must not be images that seed 8 trains on."""
+    pool8 = loop.make_split(tmp_path / "pool8", 2, 8, loop.DEFAULT_CLASSES, 1, 1)
+    held7 = loop.make_split(tmp_path / "held7", 2, loop.held_out_seed(7), loop.DEFAULT_CLASSES, 2, 100_001)
+    pool_images = {f.read_bytes() for f in (tmp_path / "pool8" / "images").iterdir()}
+    assert len(pool8) == len(held7) == 2
+    assert not pool_images & {f.read_bytes() for f in (tmp_path / "held7" / "images").iterdir()}
+    with pytest.raises(SystemExit, match="held-out"):
+        loop.main(["--seeds", f"7,{loop.held_out_seed(7)}"])
+
+
 def test_one_round_raises_click_accuracy(tmp_path):
     assert DEMO.is_file(), "the demo model is part of the repository"
     cmd = [sys.executable, str(REPO / "bench" / "loop.py"), "--rounds", "1", "--per-round", "8", "--pool", "8",
