@@ -48,7 +48,6 @@ def test_orderings_compared_over_seeds():
     assert comparison["mean_ceiling"]["box_miou"] == pytest.approx(0.85)
 
 
-@pytest.mark.slow
 def test_no_seed_tests_on_another_seeds_pool(tmp_path):
     """With --seeds 7,8 the held-out images of seed 7 must not be images that seed 8 trains on."""
     pool8 = loop.make_split(tmp_path / "pool8", 2, 8, loop.DEFAULT_CLASSES, 1, 1)
@@ -60,6 +59,7 @@ def test_no_seed_tests_on_another_seeds_pool(tmp_path):
         loop.main(["--seeds", f"7,{loop.held_out_seed(7)}"])
 
 
+@pytest.mark.slow
 def test_one_round_raises_click_accuracy(tmp_path):
     assert DEMO.is_file(), "the demo model is part of the repository"
     cmd = [sys.executable, str(REPO / "bench" / "loop.py"), "--rounds", "1", "--per-round", "8", "--pool", "8",
