@@ -185,11 +185,10 @@ class OVSAM(nn.Module):
     ) -> Recognition:
         """Classify each mask against the vocabulary; boxes default to the predicted masks' boxes."""
         rois, weights = self.head_rois(low_res, head_boxes, image_index)
-        batch_idx = image_index if image_index is not None else 0
         head_logits = self.head.classify(pyramid, rois, text_embeddings, weights)
         if not self.cfg.use_clip_branch:
             return Recognition(F.log_softmax(head_logits, dim=-1), head_logits, None, rois)
-        clip_rois = rois if clip_boxes is None else boxes_to_rois(clip_boxes.float(), batch_idx)
+        clip_rois = rois if clip_boxes is None else boxes_to_rois(clip_boxes.float(), rois[:, 0])  # same images
         clip_logits = self.clip_branch_logits(c5, clip_rois, text_embeddings, clip_kv)
         g = c5.shape[-1]
         valid = (F.interpolate(low_res.float(), (g, g), mode="bilinear", align_corners=False) > 0).flatten(1).any(1)

@@ -80,11 +80,15 @@ def validate_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def input_frame_mask_logits(low_res: torch.Tensor, input_size: int, height: int, width: int) -> torch.Tensor:
+    """Low-res logits [N, 1, l, l] -> logits [N, 1, height, width] on the model's input canvas, cropped to the
+    image's resized part (its top-left corner): the frame training's annotated masks live in."""
+    x = F.interpolate(low_res.float(), (input_size, input_size), mode="bilinear", align_corners=False)
+    return x[..., :height, :width]
+
+
 def upscale_mask_logits(low_res: torch.Tensor, frame: ImageFrame) -> torch.Tensor:
     """Low-res logits [N, 1, l, l] -> logits at the original size [N, H0, W0] (spec §1.10)."""
-    s = frame.input_size
-    x = F.interpolate(low_res.float(), (s, s), mode="bilinear", align_corners=False)
-    h, w = frame.resized_size
-    x = x[..., :h, :w]
+    x = input_frame_mask_logits(low_res, frame.input_size, *frame.resized_size)
     x = F.interpolate(x, frame.original_size, mode="bilinear", align_corners=False)
     return x[:, 0]

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -30,6 +29,7 @@ from ovsam.artifact import ModelArtifact, save_artifact
 from ovsam.head import cosine_logits
 from ovsam.model import OVSAM
 from ovsam.roi import boxes_to_rois, mask_occupancy
+from ovsam.transforms import input_frame_mask_logits
 from ovsam.vocabulary import Vocabulary
 from training import losses as L
 from training.dataset import (CLIP2SAMDataset, ExampleConfig, FeatureStore, TrainingData, collate_examples,
@@ -232,7 +232,7 @@ class CLIP2SAMTrainStep(nn.Module):
         out, out_labels = [], []
         for sparse, dense in prompts:
             low_res = m.decode(embedding, sparse, dense, image_index, high_res).float()
-            pred = (F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[:, 0, :h, :w] > 0).cpu().numpy()
+            pred = (input_frame_mask_logits(low_res, size, h, w)[:, 0] > 0).cpu().numpy()
             good = torch.tensor([mask_iou(g, p) >= min_iou for g, p in zip(gt, pred)], dtype=torch.bool, device=labels.device)
             out.append(m.served_roi_embeddings(pyramid, low_res, image_index)[good])
             out_labels.append(labels[good])

@@ -98,8 +98,8 @@ def fit_label_embeddings(
     out = vocab.with_embeddings(new)
     if objects is not None:
         counts = torch.bincount(objects.detach().long().cpu(), minlength=k)[:k]
-    objects = {label: int(c) for label, c in zip(vocab.labels, counts.tolist())}
-    return LabelFit(out, objects, label_accuracy(feats, targets, text), label_accuracy(feats, targets, new))
+    per_label = {label: int(c) for label, c in zip(vocab.labels, counts.tolist())}
+    return LabelFit(out, per_label, label_accuracy(feats, targets, text), label_accuracy(feats, targets, new))
 
 
 def unique_instances(mask_index: torch.Tensor) -> List[int]:
