@@ -35,8 +35,18 @@ limits: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``, ``IMAGE_TIMEOUT_S``,
                             softer masks than SAM's, such as the demo model on small images.
 ``EMBEDDING_CACHE_MB``      image-embedding cache size (default 1024).
 ``TOP_K``                   alternatives reported in a region's ``meta`` (default 5).
-``PREDICT_WORKERS``         threads for prediction requests (default 8); model work in
-                            them is still serialised per device.
+``PREDICT_WORKERS``         threads for interactive clicks (default 8); model work in
+                            them is still serialised per device, and a click gets the
+                            device before any waiting background work.
+``PREANNOTATE_WORKERS``     pre-annotation (batch) requests run at once (default 2), on
+                            threads of their own; more wait without holding a thread.
+``IMAGE_DOWNLOAD_WORKERS``  threads downloading images for clicks on images not embedded
+                            yet (default 4); clicks on embedded images never wait for them.
+``MAX_LABELS``              most labels a project may have (default 2000); more is a 422
+                            at /setup and /predict instead of minutes of text embedding.
+``MAX_LABEL_CONFIG_KB``     largest label config accepted (default 1024).
+``VOCABULARY_WAIT_S``       how long a request waits for its project's text embeddings
+                            being built before it gets a 503 with the progress (default 20).
 ``MAX_REQUEST_MB``          largest request body accepted (default 64).
 ==========================  ==============================================================
 """
@@ -116,6 +126,11 @@ class Settings:
     embedding_cache_mb: float = 1024.0
     top_k: int = 5
     predict_workers: int = 8
+    preannotate_workers: int = 2
+    image_download_workers: int = 4
+    max_labels: int = 2000
+    max_label_config_kb: float = 1024.0
+    vocabulary_wait_s: float = 20.0
     max_request_mb: float = 64.0
 
     @property
@@ -157,5 +172,10 @@ class Settings:
             embedding_cache_mb=_number(env, "EMBEDDING_CACHE_MB", 1024.0, low=0.0),
             top_k=int(_number(env, "TOP_K", 5, low=1, high=100)),
             predict_workers=int(_number(env, "PREDICT_WORKERS", 8, low=1, high=256)),
+            preannotate_workers=int(_number(env, "PREANNOTATE_WORKERS", 2, low=1, high=64)),
+            image_download_workers=int(_number(env, "IMAGE_DOWNLOAD_WORKERS", 4, low=1, high=64)),
+            max_labels=int(_number(env, "MAX_LABELS", 2000, low=1)),
+            max_label_config_kb=_number(env, "MAX_LABEL_CONFIG_KB", 1024.0, low=1.0),
+            vocabulary_wait_s=_number(env, "VOCABULARY_WAIT_S", 20.0, low=0.0),
             max_request_mb=_number(env, "MAX_REQUEST_MB", 64.0, low=0.001),
         )

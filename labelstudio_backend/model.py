@@ -17,8 +17,12 @@
   others are still predicted. Pre-annotating a task also leaves its image
   embedding in the cache, so the annotator's first click is fast.
 
-Model work runs in the caller's thread (the server uses a worker pool); the
-predictor serialises it per device.
+A request is split into steps (:class:`PredictPlan`): checking it, waiting for
+the project's text embeddings (built on their own thread), downloading a new
+image, and model work. The server runs each on its own lane, so a click on an
+embedded image never waits behind downloads, vocabulary builds or batches, and
+a batch stops when Label Studio has gone. Model work is serialised per device,
+with clicks ahead of background work (``lanes.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import threading
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -41,13 +46,14 @@ from ovsam.predictor import OVSAMPredictor, image_key
 from .config import Settings
 from .images import ImageError, ImageLoader
 from .jobs import JobManager, TrainingRunner
+from .lanes import background_lane
 from .label_config import LabelConfigError, ProjectSchema, parse_label_config
 from .metrics_log import Metrics
 from .prompts import InteractivePrompt, PromptError, prompt_from_context
 from .results import schema_mask_result
 from .runtime import ModelRuntime, ServingModel
 
-__all__ = ["OVSAMBackend", "RequestError", "project_id_of"]
+__all__ = ["OVSAMBackend", "PredictPlan", "RequestError", "project_id_of"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +99,33 @@ def _top_k_meta(top_k: Sequence[Any]) -> dict[str, Any]:
     return {"top_k": alternatives, "text": [f"top-{len(alternatives)}: {text}"] if alternatives else []}
 
 
+@dataclass
+class PredictPlan:
+    """A checked ``/predict`` request and what it still needs: vocabulary, image, model work.
+
+    ``prompt`` is None for pre-annotation. ``features`` is set when the clicked
+    image is already embedded, so the click needs no download.
+    """
+
+    serving: ServingModel
+    schema: ProjectSchema
+    tasks: list[Mapping[str, Any]]
+    prompt: InteractivePrompt | None = None
+    chosen_label: str | None = None
+    url: str | None = None
+    features: ImageFeatures | None = None
+    image: np.ndarray | None = None
+    predictor: OVSAMPredictor | None = None
+
+    @property
+    def interactive(self) -> bool:
+        return self.prompt is not None
+
+    @property
+    def needs_image(self) -> bool:
+        return self.interactive and self.features is None and self.image is None
+
+
 class OVSAMBackend:
     """Label Studio ML backend around the OVSAM predictor."""
 
@@ -124,7 +157,10 @@ class OVSAMBackend:
 
     # -- setup ---------------------------------------------------------------
     def setup(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Label Studio's connect / pre-prediction check: must answer in well under 3 s."""
+        """Label Studio's connect / pre-prediction check: must answer in well under 3 s.
+
+        The project's text embeddings are only queued here (see :meth:`warm_vocabulary`).
+        """
         hostname, token = body.get("hostname"), body.get("access_token")
         self.images.update_from_setup(
             hostname if isinstance(hostname, str) else None, token if isinstance(token, str) else None
@@ -135,66 +171,139 @@ class OVSAMBackend:
             schema = self.schema(xml)
             out["labels"] = schema.labels
             out["output"] = schema.output.type
+            self.warm_vocabulary(schema)
         return out
 
-    def warm_vocabulary(self, xml: Any) -> None:
-        """Build the project's vocabulary ahead of its first prediction (bad configs are left to /predict)."""
-        try:
-            self._predictor(self.runtime.current, self.schema(xml))
-        except RequestError as exc:
-            log.debug("vocabulary not prepared: %s", exc)
+    def warm_vocabulary(self, schema: ProjectSchema) -> None:
+        """Queue the project's text embeddings ahead of its first prediction (returns at once)."""
+        future = self.runtime.current.vocabulary_future(schema.labels, schema.synonyms)
+        future.add_done_callback(_log_vocabulary_failure)
 
-    @staticmethod
-    def schema(xml: Any) -> ProjectSchema:
+    def schema(self, xml: Any) -> ProjectSchema:
+        """The project's label config, parsed; configs the backend cannot serve are a 4xx."""
         if not isinstance(xml, str):
             raise RequestError(422, "label config is missing (expected the project's XML as a string)")
+        limit = int(self.settings.max_label_config_kb * 1024)
+        if len(xml) > limit:
+            raise RequestError(
+                413, f"label config is {len(xml)} characters, more than the limit of {limit} (MAX_LABEL_CONFIG_KB)"
+            )
         try:
-            return parse_label_config(xml)
+            schema = parse_label_config(xml)
         except LabelConfigError as exc:
             raise RequestError(422, f"label config cannot be used: {exc}") from exc
-
-    @staticmethod
-    def _predictor(serving: ServingModel, schema: ProjectSchema) -> OVSAMPredictor:
-        """The predictor for the project's labels; a text-tower failure is the server's, not the request's."""
-        try:
-            return serving.predictor_for(schema.labels, schema.synonyms)
-        except Exception as exc:  # e.g. official weights without a text tower and no network
-            log.exception("cannot build the vocabulary %s", schema.labels)
-            raise RequestError(503, f"cannot build text embeddings for the labels {schema.labels}: {exc}") from exc
+        if len(schema.labels) > self.settings.max_labels:
+            raise RequestError(
+                422,
+                f"the project has {len(schema.labels)} labels; this backend serves at most "
+                f"{self.settings.max_labels} (MAX_LABELS): each label's text embedding is computed once, "
+                "and more would keep the project waiting for minutes",
+            )
+        return schema
 
     # -- predict -------------------------------------------------------------
     def predict(
         self, tasks: Sequence[Mapping[str, Any]], label_config: str, context: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Label Studio's ``/predict`` answer for already shape-checked input."""
+        """Label Studio's ``/predict`` answer for already shape-checked input, in the caller's thread.
+
+        The server runs the same steps (:meth:`plan`, :meth:`vocabulary_future` /
+        :meth:`use_vocabulary`, :meth:`load_image`, :meth:`run`) on separate lanes.
+        """
+        plan = self.plan(tasks, label_config, context)
+        future = self.vocabulary_future(plan)
+        wait([future])
+        self.use_vocabulary(plan, future)
+        if plan.needs_image:
+            self.load_image(plan)
+        return self.run(plan)
+
+    def plan(
+        self, tasks: Sequence[Mapping[str, Any]], label_config: str, context: Mapping[str, Any] | None = None
+    ) -> PredictPlan:
+        """Check a request and find what it needs (cheap: no model work, no download)."""
         schema = self.schema(label_config)
         serving = self.runtime.current  # one model for the whole request, even if a swap happens
-        if context is not None and "result" in context:
-            if len(tasks) != 1:
-                raise RequestError(422, f"an interactive request needs exactly one task, got {len(tasks)}")
-            results = [self._interactive(serving, schema, tasks[0], context)]
-            self.metrics.count("interactive_predictions")
-        else:
-            results = self._preannotate(serving, schema, tasks)
-        return {"results": results, "model_version": serving.version}
-
-    def _interactive(
-        self, serving: ServingModel, schema: ProjectSchema, task: Mapping[str, Any], context: Mapping[str, Any]
-    ) -> dict[str, Any]:
+        if context is None or "result" not in context:
+            return PredictPlan(serving, schema, list(tasks))
+        if len(tasks) != 1:
+            raise RequestError(422, f"an interactive request needs exactly one task, got {len(tasks)}")
         try:
             prompt = prompt_from_context(context, from_names=schema.prompt_controls or None)
         except PromptError as exc:
             raise RequestError(422, str(exc)) from exc
-        chosen = self._chosen_label(schema, prompt)
-        predictor = self._predictor(serving, schema)
+        plan = PredictPlan(serving, schema, list(tasks), prompt, self._chosen_label(schema, prompt))
         try:
-            features = self._features(serving, task, schema)
+            plan.url = self._image_url(tasks[0], schema)
+            plan.features = self._cached_features(serving, plan.url)
         except (ImageError, ValueError) as exc:
-            raise RequestError(422, f"task {task.get('id')}: {exc}") from exc
+            raise RequestError(422, f"task {tasks[0].get('id')}: {exc}") from exc
+        return plan
+
+    def vocabulary_future(self, plan: PredictPlan) -> Future[OVSAMPredictor]:
+        """The project's predictor, now or once its text embeddings are built (on the vocabulary thread)."""
+        return plan.serving.vocabulary_future(plan.schema.labels, plan.schema.synonyms)
+
+    def vocabulary_pending(self, plan: PredictPlan) -> RequestError:
+        """The 503 for a request whose project's text embeddings are still being built."""
+        progress = plan.serving.vocabulary_progress(plan.schema.labels, plan.schema.synonyms)
+        done = f" ({progress[0]}/{progress[1]} label texts done)" if progress else " (queued behind another project)"
+        return RequestError(
+            503,
+            f"the text embeddings of this project's {len(plan.schema.labels)} labels are being built{done}; "
+            "try again in a moment",
+        )
+
+    @staticmethod
+    def use_vocabulary(plan: PredictPlan, future: Future[OVSAMPredictor]) -> None:
+        """Take the finished vocabulary; a text-tower failure is the server's, not the request's."""
+        try:
+            plan.predictor = future.result(timeout=0)
+        except Exception as exc:  # e.g. official weights without a text tower and no network
+            log.error("cannot build the vocabulary %s: %s", plan.schema.labels, exc)
+            raise RequestError(
+                503, f"cannot build text embeddings for the labels {plan.schema.labels}: {exc}"
+            ) from exc
+
+    def load_image(self, plan: PredictPlan) -> None:
+        """Download and decode the clicked task's image (the one step that waits on the network)."""
+        assert plan.url is not None
+        try:
+            plan.image = self.images.load(plan.url)
+        except (ImageError, ValueError) as exc:
+            raise RequestError(422, f"task {plan.tasks[0].get('id')}: {exc}") from exc
+
+    def run(self, plan: PredictPlan, cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """The model work of a planned request; a batch stops early when ``cancelled()`` turns true."""
+        if plan.predictor is None:
+            raise RuntimeError("run() needs the plan's vocabulary (use_vocabulary) first")
+        if plan.prompt is not None:
+            result = self._interactive(plan)
+            self.metrics.count("interactive_predictions")
+            results = [result]
+        else:
+            with background_lane():
+                results = self._preannotate(plan, cancelled or (lambda: False))
+        return {"results": results, "model_version": plan.serving.version}
+
+    def _interactive(self, plan: PredictPlan) -> dict[str, Any]:
+        serving, schema, task, prompt = plan.serving, plan.schema, plan.tasks[0], plan.prompt
+        assert prompt is not None and plan.predictor is not None
+        features = plan.features
+        if features is None:
+            if plan.image is None:
+                self.load_image(plan)
+            assert plan.image is not None and plan.url is not None
+            key = image_key(plan.image)
+            self._remember(plan.url, key)
+            try:
+                features = serving.predictor.set_image(plan.image, key=key)
+            except ValueError as exc:
+                raise RequestError(422, f"task {task.get('id')}: {exc}") from exc
         height, width = features.frame.original_size
         points, box = _scaled_prompt(prompt, width, height)
         try:
-            pred = predictor.predict(
+            pred = plan.predictor.predict(
                 points=points,
                 point_labels=prompt.point_labels if points is not None else None,
                 box=box,
@@ -203,7 +312,7 @@ class OVSAMBackend:
             )
         except ValueError as exc:
             raise RequestError(422, f"prompt cannot be used: {exc}") from exc
-        label = chosen or pred.label
+        label = plan.chosen_label or pred.label
         mask = _resize_mask(pred.mask, prompt.width, prompt.height)
         meta = {**_top_k_meta(pred.top_k), "recognised_label": pred.label, "probability": round(pred.probability, 4)}
         region = schema_mask_result(schema, mask, label, pred.score, meta)
@@ -225,18 +334,24 @@ class OVSAMBackend:
             )
         return prompt.chosen_label
 
-    def _preannotate(
-        self, serving: ServingModel, schema: ProjectSchema, tasks: Sequence[Mapping[str, Any]]
-    ) -> list[dict[str, Any]]:
-        generator = self._generator(self._predictor(serving, schema))
+    def _preannotate(self, plan: PredictPlan, cancelled: Callable[[], bool]) -> list[dict[str, Any]]:
+        serving, schema, tasks = plan.serving, plan.schema, plan.tasks
+        assert plan.predictor is not None
+        generator = self._generator(plan.predictor)
         results: list[dict[str, Any]] = []
         loads = _prefetch(tasks, lambda t: self._load_image(t, schema), self._io, _PREFETCH)
-        for task, future in zip(tasks, loads):
+        for done, (task, future) in enumerate(zip(tasks, loads)):
+            if cancelled():  # Label Studio gave up on this request: nobody will receive the rest
+                log.warning("batch of %d tasks abandoned by its client after %d; stopping", len(tasks), done)
+                self.metrics.count("batches_abandoned")
+                future.cancel()
+                loads.close()
+                break
             empty = {"result": [], "score": 0.0, "model_version": serving.version}
             try:
                 image = future.result()
                 key = image_key(image)
-                self._remember(task, schema, key)
+                self._remember(self._image_url(task, schema), key)
                 features = serving.predictor.set_image(image, key=key)
             except (ImageError, ValueError) as exc:  # this task's image; the others go on
                 log.warning("task %s: no prediction: %s", task.get("id"), exc)
@@ -306,27 +421,18 @@ class OVSAMBackend:
     def _load_image(self, task: Mapping[str, Any], schema: ProjectSchema) -> np.ndarray:
         return self.images.load(self._image_url(task, schema))
 
-    def _remember(self, task: Mapping[str, Any], schema: ProjectSchema, key: str) -> None:
-        url = self._image_url(task, schema)
+    def _remember(self, url: str, key: str) -> None:
         with self._url_lock:
             self._url_keys[url] = key
             self._url_keys.move_to_end(url)
             while len(self._url_keys) > _MAX_REMEMBERED_URLS:
                 self._url_keys.popitem(last=False)
 
-    def _features(self, serving: ServingModel, task: Mapping[str, Any], schema: ProjectSchema) -> ImageFeatures:
-        """The task image's embedding: from the cache when this URL was embedded before."""
-        url = self._image_url(task, schema)
+    def _cached_features(self, serving: ServingModel, url: str) -> ImageFeatures | None:
+        """The embedding of the image behind ``url`` if this URL was embedded before and is still cached."""
         with self._url_lock:
             key = self._url_keys.get(url)
-        if key is not None:
-            cached = serving.predictor.cache.get(key)
-            if cached is not None:
-                return cached
-        image = self.images.load(url)
-        key = image_key(image)
-        self._remember(task, schema, key)
-        return serving.predictor.set_image(image, key=key)
+        return serving.predictor.cache.get(key) if key is not None else None
 
     # -- fit -----------------------------------------------------------------
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -351,6 +457,11 @@ class OVSAMBackend:
                 "message": f"training job {job.id} is already running for project {project_id}",
             }
         return {"status": "ok", "job": job.id}
+
+
+def _log_vocabulary_failure(future: Future[OVSAMPredictor]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not build a project's text embeddings: %s", future.exception())
 
 
 def _scaled_prompt(prompt: InteractivePrompt, width: int, height: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -381,10 +492,13 @@ def _prefetch(
 ) -> Iterator[Future[np.ndarray]]:
     """Futures of ``load(task)`` in task order, at most ``window`` running ahead of the consumer."""
     pending: deque[Future[np.ndarray]] = deque()
-    upcoming = iter(tasks)
-    for task in upcoming:
-        pending.append(pool.submit(load, task))
-        if len(pending) > window:
+    try:
+        for task in tasks:
+            pending.append(pool.submit(load, task))
+            if len(pending) > window:
+                yield pending.popleft()
+        while pending:
             yield pending.popleft()
-    while pending:
-        yield pending.popleft()
+    finally:  # the consumer stopped early: loads nobody will use are not started
+        for future in pending:
+            future.cancel()

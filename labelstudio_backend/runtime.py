@@ -18,7 +18,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ovsam.predictor import OVSAMPredictor
 from ovsam.vocabulary import Vocabulary, VocabularyBuilder, normalise_synonyms
 
 from .config import Settings
+from .lanes import PriorityLock, background_lane
 from .registry import ModelRegistry, VersionInfo
 
 __all__ = [
@@ -48,18 +50,19 @@ log = logging.getLogger(__name__)
 # The offline default model shipped with the package (trained by the project on synthetic data).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "default_model" / "ovsam_demo.safetensors"
 UNTRAINED_VERSION = "untrained-tiny"
-# Vocabularies kept per served model (one per distinct label set seen).
+# Vocabularies kept per served model (one per distinct label set seen), and their embeddings' bytes.
 _MAX_VOCABULARIES = 64
+_MAX_VOCABULARY_BYTES = 512 * 1024 * 1024
 
-_device_locks: dict[str, threading.RLock] = {}
+_device_locks: dict[str, PriorityLock] = {}
 _device_locks_guard = threading.Lock()
 
 
-def device_lock(device: torch.device) -> threading.RLock:
-    """The one model lock of a device, shared by every predictor placed on it."""
+def device_lock(device: torch.device) -> PriorityLock:
+    """The one model lock of a device, shared by every predictor placed on it (clicks go first)."""
     key = str(device)
     with _device_locks_guard:
-        return _device_locks.setdefault(key, threading.RLock())
+        return _device_locks.setdefault(key, PriorityLock())
 
 
 class ModelLoadError(RuntimeError):
@@ -123,7 +126,12 @@ class ServingModel:
     """One loaded model version: predictor (shared embedding cache) and per-project vocabularies."""
 
     def __init__(
-        self, artifact: ModelArtifact, source: ModelSource, device: str | torch.device, cache_bytes: int
+        self,
+        artifact: ModelArtifact,
+        source: ModelSource,
+        device: str | torch.device,
+        cache_bytes: int,
+        vocabulary_executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.artifact = artifact
         self.kind = source.kind
@@ -133,7 +141,10 @@ class ServingModel:
         self.predictor = OVSAMPredictor(artifact.model, artifact.vocabulary, cache_bytes=cache_bytes, device=device)
         self.predictor.model_lock = device_lock(self.predictor.device)
         self._views: OrderedDict[tuple[Any, ...], OVSAMPredictor] = OrderedDict()
+        self._building: dict[tuple[Any, ...], Future[OVSAMPredictor]] = {}
+        self._progress: dict[tuple[Any, ...], tuple[int, int]] = {}
         self._views_lock = threading.Lock()
+        self._executor = vocabulary_executor
         self._builder: VocabularyBuilder | None = None
         self._builder_lock = threading.Lock()
 
@@ -142,29 +153,92 @@ class ServingModel:
         return self.predictor.device
 
     # -- vocabularies ------------------------------------------------------
+    @staticmethod
+    def _label_key(labels: Sequence[str], synonyms: Mapping[str, Sequence[str]]) -> tuple[Any, ...]:
+        return (tuple(labels), tuple(tuple(synonyms.get(label, ())) for label in labels))
+
+    def vocabulary_future(
+        self, labels: Sequence[str], synonyms: Mapping[str, Sequence[str]]
+    ) -> Future[OVSAMPredictor]:
+        """The predictor for these labels, now or when its text embeddings are built.
+
+        Builds run one at a time on the vocabulary thread (one build per label
+        set, however many requests ask), so a project with thousands of new
+        labels never occupies the workers that serve other projects' clicks.
+        """
+        key = self._label_key(labels, synonyms)
+        with self._views_lock:
+            view = self._views.get(key)
+            if view is not None:
+                self._views.move_to_end(key)
+                done: Future[OVSAMPredictor] = Future()
+                done.set_result(view)
+                return done
+            pending = self._building.get(key)
+            if pending is not None:
+                return pending
+            if self._executor is None:
+                pending = Future()
+                pending.set_running_or_notify_cancel()
+            else:
+                pending = self._executor.submit(self._build_view, key, list(labels), dict(synonyms))
+            self._building[key] = pending
+        if self._executor is None:  # no vocabulary thread (tests, tools): build in the caller's thread
+            try:
+                pending.set_result(self._build_view(key, list(labels), dict(synonyms)))
+            except BaseException as exc:
+                pending.set_exception(exc)
+        return pending
+
     def predictor_for(self, labels: Sequence[str], synonyms: Mapping[str, Sequence[str]]) -> OVSAMPredictor:
-        """A predictor that recognises exactly these labels.
+        """A predictor that recognises exactly these labels (waits for their embeddings).
 
         The predictor keeps its vocabulary as state; concurrent projects need
         different ones, so each label set gets a shallow copy sharing the
         model, the embedding cache and the device lock.
         """
-        key = (tuple(labels), tuple(tuple(synonyms.get(label, ())) for label in labels))
-        with self._views_lock:
-            view = self._views.get(key)
-            if view is not None:
-                self._views.move_to_end(key)
-                return view
-        vocabulary = self._vocabulary(labels, synonyms)  # may run the text tower: outside the lock
-        view = copy.copy(self.predictor)
-        view.vocabulary = vocabulary
-        with self._views_lock:
-            self._views[key] = view
-            while len(self._views) > _MAX_VOCABULARIES:
-                self._views.popitem(last=False)
-        return view
+        return self.vocabulary_future(labels, synonyms).result()
 
-    def _vocabulary(self, labels: Sequence[str], synonyms: Mapping[str, Sequence[str]]) -> Vocabulary:
+    def vocabulary_progress(self, labels: Sequence[str], synonyms: Mapping[str, Sequence[str]]) -> tuple[int, int] | None:
+        """(texts embedded, texts in all) of a build in progress, or None."""
+        return self._progress.get(self._label_key(labels, synonyms))
+
+    def _build_view(
+        self, key: tuple[Any, ...], labels: list[str], synonyms: dict[str, Sequence[str]]
+    ) -> OVSAMPredictor:
+        lock = self.predictor.model_lock
+
+        def before_batch(done: int, total: int) -> None:
+            self._progress[key] = (done, total)
+            if isinstance(lock, PriorityLock):
+                lock.yield_to_interactive()
+
+        try:
+            with background_lane():
+                vocabulary = self._vocabulary(labels, synonyms, before_batch)
+            view = copy.copy(self.predictor)
+            view.vocabulary = vocabulary
+            with self._views_lock:
+                self._views[key] = view
+                while len(self._views) > _MAX_VOCABULARIES or (
+                    len(self._views) > 1 and self._views_bytes() > _MAX_VOCABULARY_BYTES
+                ):
+                    self._views.popitem(last=False)
+            return view
+        finally:
+            with self._views_lock:
+                self._building.pop(key, None)
+                self._progress.pop(key, None)
+
+    def _views_bytes(self) -> int:
+        return sum(v.vocabulary.embeddings.numel() * v.vocabulary.embeddings.element_size() for v in self._views.values())
+
+    def _vocabulary(
+        self,
+        labels: Sequence[str],
+        synonyms: Mapping[str, Sequence[str]],
+        before_batch: Callable[[int, int], None] | None = None,
+    ) -> Vocabulary:
         """The artifact's own embeddings when the labels and synonyms match; else the text tower's (cached)."""
         base = self.artifact.vocabulary
         names = {label: list(s) for label, s in synonyms.items()}
@@ -174,7 +248,7 @@ class ServingModel:
         with self._builder_lock:
             if self._builder is None:
                 self._builder = VocabularyBuilder(self.artifact.get_text_encoder())
-        return self._builder.build(list(labels), names, base_labels=base.labels)
+        return self._builder.build(list(labels), names, base_labels=base.labels, before_batch=before_batch)
 
     def known_label_sets(self) -> list[tuple[list[str], dict[str, list[str]]]]:
         with self._views_lock:
@@ -199,6 +273,16 @@ class ServingModel:
         self.path = path
         return path
 
+    def _vocabularies_state(self) -> dict[str, Any]:
+        with self._views_lock:
+            ready = len(self._views)
+            building = [
+                {"labels": len(key[0]), "texts_done": done, "texts": total}
+                for key, (done, total) in list(self._progress.items())
+            ]
+            queued = len(self._building) - len(building)
+        return {"ready": ready, "building": building, "queued": max(queued, 0)}
+
     def describe(self) -> dict[str, Any]:
         """For /health: never takes a lock that model work holds."""
         cache = self.predictor.cache
@@ -211,6 +295,7 @@ class ServingModel:
             "labels": len(self.artifact.vocabulary),
             "loaded_at": self.loaded_at,
             "trained": self.kind != "untrained-tiny",
+            "vocabularies": self._vocabularies_state(),
             "embedding_cache": {
                 "entries": len(cache),
                 "bytes": cache.nbytes,
@@ -229,6 +314,8 @@ class ModelRuntime:
         self.registry = registry
         self._serving: ServingModel | None = None
         self._swap_lock = threading.Lock()
+        # One thread builds text embeddings for new label sets, for every served model.
+        self.vocabulary_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocabulary")
 
     @property
     def current(self) -> ServingModel:
@@ -242,7 +329,9 @@ class ModelRuntime:
         start = time.perf_counter()
         artifact = load_model_artifact(source)
         try:
-            serving = ServingModel(artifact, source, self.settings.device, self.settings.embedding_cache_bytes)
+            serving = ServingModel(
+                artifact, source, self.settings.device, self.settings.embedding_cache_bytes, self.vocabulary_executor
+            )
         except (RuntimeError, ValueError, AssertionError) as exc:  # e.g. DEVICE=cuda without CUDA
             raise ModelLoadError(f"cannot place the model on device {self.settings.device!r}: {exc}") from exc
         log.info(
@@ -305,6 +394,10 @@ class ModelRuntime:
             except Exception as exc:  # the vocabulary is then built on first use instead
                 log.warning("could not prepare vocabulary %s for the new model: %s", labels, exc)
         return new
+
+    def close(self) -> None:
+        """Stop the vocabulary thread (builds in progress are abandoned)."""
+        self.vocabulary_executor.shutdown(wait=False, cancel_futures=True)
 
     def install(self, new: ServingModel) -> None:
         """Switch the served model; requests in flight finish on the old one."""

@@ -4,8 +4,10 @@ Label Studio gives ``/health`` 1 s and ``/setup`` 3 s and treats a slower
 backend as broken, so those two never wait for the model: prediction and
 vocabulary work run in a dedicated thread pool (and queue on the per-device
 model lock there), while ``/health`` reads plain references and ``/setup``
-parses the label config (cached) in Starlette's own thread pool. Training runs
-in background jobs (``jobs.py``).
+parses the label config (cached) in Starlette's own thread pool within a 2 s
+budget. ``/predict`` runs on lanes: clicks, batches and image downloads each on
+threads of their own, text embeddings on the runtime's vocabulary thread, waits
+in between held by no thread. Training runs in background jobs (``jobs.py``).
 
 Errors are always JSON ``{"errors": [...]}``: 400 for a body that is not the
 protocol's shape, 422 for input the model cannot use, 401 without the
@@ -21,6 +23,7 @@ import binascii
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +41,7 @@ from .config import Settings
 from .images import ImageLoader, ImageLoaderConfig
 from .jobs import JobManager
 from .metrics_log import Metrics, configure_logging
-from .model import OVSAMBackend, RequestError, project_id_of
+from .model import OVSAMBackend, PredictPlan, RequestError, project_id_of
 from .registry import ModelRegistry
 from .runtime import ModelRuntime
 
@@ -153,6 +156,51 @@ def _predict_input(data: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any, 
     return tasks, data.get("label_config"), context
 
 
+# /setup answers within this, whatever the label config (Label Studio waits 3 s).
+_SETUP_BUDGET_S = 2.0
+# How often a running batch checks that its client is still connected.
+_DISCONNECT_POLL_S = 0.25
+
+
+def _consume_outcome(task: "asyncio.Future[Any]") -> None:
+    """Retrieve a background task's exception (it was logged where it happened)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _await_vocabulary(be: OVSAMBackend, plan: PredictPlan, wait_s: float) -> None:
+    """Wait, without holding a thread, for the project's text embeddings; 503 with progress after ``wait_s``."""
+    future = be.vocabulary_future(plan)
+    if not future.done():
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), wait_s)
+        except asyncio.TimeoutError:
+            raise be.vocabulary_pending(plan) from None
+        except Exception:
+            pass  # use_vocabulary turns the failure into a 503
+    be.use_vocabulary(plan, future)
+
+
+async def _run_batch(
+    request: Request, loop: asyncio.AbstractEventLoop, pool: ThreadPoolExecutor, be: OVSAMBackend, plan: PredictPlan
+) -> bytes:
+    """Pre-annotation on the batch lane; it stops between tasks once Label Studio has disconnected."""
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while not gone.is_set():
+            if await request.is_disconnected():
+                gone.set()
+                return
+            await asyncio.sleep(_DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await loop.run_in_executor(pool, lambda: _json_bytes(be.run(plan, gone.is_set)))
+    finally:
+        watcher.cancel()
+
+
 def create_app(settings: Settings | None = None, *, image_config: ImageLoaderConfig | None = None) -> FastAPI:
     """The ASGI app. The model is loaded at start-up (lifespan), before the first request is served.
 
@@ -160,7 +208,11 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
     """
     settings = settings or Settings.from_env()
     metrics = Metrics()
+    # Lanes: clicks, batches and image downloads each have their own threads, so none can take all of
+    # another's (a slow image host or a long batch never holds a thread a click on an embedded image needs).
     executor = ThreadPoolExecutor(max_workers=settings.predict_workers, thread_name_prefix="predict")
+    batches = ThreadPoolExecutor(max_workers=settings.preannotate_workers, thread_name_prefix="preannotate")
+    downloads = ThreadPoolExecutor(max_workers=settings.image_download_workers, thread_name_prefix="download")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -174,7 +226,9 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
             yield
         finally:
             app.state.backend.close()
-            executor.shutdown(wait=False, cancel_futures=True)
+            runtime.close()
+            for pool in (executor, batches, downloads):
+                pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="OVSAM Label Studio ML backend", lifespan=lifespan)
     app.add_middleware(_Guard, settings=settings, metrics=metrics)
@@ -217,21 +271,30 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
+        """Answers within Label Studio's 3 s: a config still being read after the budget is answered "ok"."""
         data = await _read_json(request)
         be = backend(request)
-        out = await run_in_threadpool(be.setup, data)
-        if data.get("schema") is not None:
-            asyncio.get_running_loop().run_in_executor(executor, be.warm_vocabulary, data["schema"])
-        return out
+        task = asyncio.ensure_future(run_in_threadpool(be.setup, data))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), _SETUP_BUDGET_S)
+        except asyncio.TimeoutError:
+            task.add_done_callback(_consume_outcome)
+            log.warning("/setup: the label config is still being read after %.1f s; answering now", _SETUP_BUDGET_S)
+            return {"model_version": be.model_version, "status": "ok"}
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
         tasks, label_config, context = _predict_input(await _read_json(request))
-
-        def work() -> bytes:
-            return _json_bytes(backend(request).predict(tasks, label_config, context))
-
-        content = await asyncio.get_running_loop().run_in_executor(executor, work)
+        be = backend(request)
+        loop = asyncio.get_running_loop()
+        plan = await run_in_threadpool(be.plan, tasks, label_config, context)
+        await _await_vocabulary(be, plan, settings.vocabulary_wait_s)
+        if plan.interactive:
+            if plan.needs_image:
+                await loop.run_in_executor(downloads, be.load_image, plan)
+            content = await loop.run_in_executor(executor, lambda: _json_bytes(be.run(plan)))
+        else:
+            content = await _run_batch(request, loop, batches, be, plan)
         return Response(content, media_type="application/json")
 
     @app.post("/webhook")

@@ -60,8 +60,9 @@ class AutomaticMaskGenerator:
         # Grid over the resized image region only (never over the padding), in input pixels.
         grid = torch.as_tensor(build_point_grid(cfg.points_per_side), dtype=torch.float32) * torch.tensor([w, h])
         kept_logits, kept_scores, kept_boxes, kept_probs, kept_stab = [], [], [], [], []
-        with pred.inference():
-            for start in range(0, len(grid), cfg.points_per_batch):
+        # The device lock is taken per batch of points, so a click waiting for the device gets it between batches.
+        for start in range(0, len(grid), cfg.points_per_batch):
+            with pred.inference():
                 pts = grid[start : start + cfg.points_per_batch].to(dev)[:, None, :]
                 labels = torch.ones(pts.shape[:2], dtype=torch.long, device=dev)
                 sparse, dense = model.encode_prompts(pts, labels)

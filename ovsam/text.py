@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import open_clip
 import torch
@@ -43,11 +43,19 @@ class TextEncoder(nn.Module):
         return h.hexdigest()[:16]
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """[len(texts), D] raw (unnormalised) text features, as CLIP's encode_text(normalize=False)."""
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 256, before_batch: Optional[Callable[[int, int], None]] = None
+    ) -> torch.Tensor:
+        """[len(texts), D] raw (unnormalised) text features, as CLIP's encode_text(normalize=False).
+
+        ``before_batch(done, total)`` runs before each batch: a server reports progress and lets
+        interactive work go first there.
+        """
         device = next(self.text.parameters()).device
         out: List[torch.Tensor] = []
         for i in range(0, len(texts), batch_size):
+            if before_batch is not None:
+                before_batch(i, len(texts))
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(device)
             out.append(self.text(tokens).float())
         return torch.cat(out) if out else torch.zeros(0, self.text.text_projection.shape[-1])

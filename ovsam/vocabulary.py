@@ -7,7 +7,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,11 +102,16 @@ def normalise_synonyms(labels: Sequence[str], synonyms: Optional[Dict[str, Seque
     return out
 
 
-def embed_synonyms(encoder: TextEncoder, synonyms: List[List[str]], templates: Sequence[str] = VILD_TEMPLATES) -> torch.Tensor:
+def embed_synonyms(
+    encoder: TextEncoder,
+    synonyms: List[List[str]],
+    templates: Sequence[str] = VILD_TEMPLATES,
+    before_batch: Optional[Callable[[int, int], None]] = None,
+) -> torch.Tensor:
     """Normalise each (synonym, template) feature, average over templates, normalise, pad by the first synonym."""
     flat = [s for group in synonyms for s in group]
     texts = [t.format(s) for s in flat for t in templates]
-    feats = F.normalize(encoder.encode(texts), dim=-1).view(len(flat), len(templates), -1)
+    feats = F.normalize(encoder.encode(texts, before_batch=before_batch), dim=-1).view(len(flat), len(templates), -1)
     per_name = F.normalize(feats.mean(dim=1), dim=-1)
     p = max(len(g) for g in synonyms)
     rows, i = [], 0
@@ -142,7 +147,12 @@ class VocabularyBuilder:
         synonyms: Optional[Dict[str, Sequence[str]]] = None,
         base_labels: Optional[Sequence[str]] = None,
         templates: Sequence[str] = VILD_TEMPLATES,
+        before_batch: Optional[Callable[[int, int], None]] = None,
     ) -> Vocabulary:
+        """The label set's vocabulary (embeddings from memory, the disk cache, or the text tower).
+
+        ``before_batch(done, total)`` is passed to :meth:`TextEncoder.encode` when the text tower runs.
+        """
         groups = normalise_synonyms(labels, synonyms)
         key = self.cache_key(groups, templates)
         with self._lock:
@@ -150,7 +160,7 @@ class VocabularyBuilder:
             if emb is None:
                 emb = self._load(key)
             if emb is None:
-                emb = embed_synonyms(self.encoder, groups, templates)
+                emb = embed_synonyms(self.encoder, groups, templates, before_batch=before_batch)
                 self._save(key, emb)
             self._memory[key] = emb
         vocab = Vocabulary(list(labels), groups, emb)
