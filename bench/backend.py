@@ -12,7 +12,9 @@ Measured in one run, on the same images:
    1024x1024 and 4000x3000 = HTTP p50 - predictor p50, with its parts timed
    alone (request parsing, result building with RLE, answer JSON);
 3. concurrent annotators: C clients x N clicks, each on its own image: errors,
-   p50/p95 latency, throughput, and the server process's peak RSS.
+   p50/p95 latency, throughput, and the server process's peak RSS;
+4. repeat clicks on an embedded image alone and while B pre-annotation batches
+   of T tasks run (clicks go before batch work on the device): p50 ratio.
 
 Uses a tiny random model by default (``--model tiny``); pass an artifact with
 ``--model path/to/model.safetensors`` (and ``--device cuda``) for real figures.
@@ -20,6 +22,7 @@ Prints its figures; the last line is one JSON object.
 
     .venv/bin/python bench/backend.py [--model tiny|PATH] [--device cpu|cuda] [--clicks 50]
                                       [--clients 8] [--clicks-per-client 50] [--sizes 1024x1024,4000x3000]
+                                      [--batches 2] [--batch-tasks 20]
 """
 
 from __future__ import annotations
@@ -238,6 +241,54 @@ def concurrent_annotators(url: str, images: ImageServer, template: dict[str, Any
             "clicks_per_s": round(len(latencies) / wall, 2)}
 
 
+def clicks_during_batches(url: str, images: ImageServer, template: dict[str, Any], batch_template: dict[str, Any],
+                          batches: int, batch_tasks: int, clicks: int, width: int = 640, height: int = 480
+                          ) -> dict[str, Any]:
+    """Repeat clicks on an embedded image, alone and while ``batches`` pre-annotation requests run (one run)."""
+    path = images.add("annotator-batches.png", png(make_image(width, height, seed=7)))
+    batch_paths = [images.add(f"batch-{i}.png", png(make_image(width, height, seed=500 + i)))
+                   for i in range(batches * batch_tasks)]
+    rng = np.random.default_rng(0)
+
+    def click_latencies(http: Any, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            body = click_body(template, path, width, height, float(rng.uniform(5, 95)), float(rng.uniform(5, 95)))
+            t = time.perf_counter()
+            r = http.post("/predict", json=body)
+            out.append(time.perf_counter() - t)
+            if r.status_code != 200:
+                raise RuntimeError(f"click failed: HTTP {r.status_code}: {r.text[:200]}")
+        return out
+
+    def batch(i: int) -> float:
+        body = copy.deepcopy(batch_template)
+        task = body["tasks"][0]
+        body["tasks"] = [{**copy.deepcopy(task), "id": 1000 + j, "data": {"image": p}}
+                         for j, p in enumerate(batch_paths[i * batch_tasks:(i + 1) * batch_tasks])]
+        t = time.perf_counter()
+        with http_client(url) as http:
+            r = http.post("/predict", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"batch failed: HTTP {r.status_code}: {r.text[:200]}")
+        return time.perf_counter() - t
+
+    with http_client(url) as http:
+        click_latencies(http, 1)  # embeds the image
+        alone = click_latencies(http, clicks)
+        with ThreadPoolExecutor(batches) as pool:
+            running = [pool.submit(batch, i) for i in range(batches)]
+            time.sleep(0.5)
+            during = click_latencies(http, clicks)
+            overlapped = sum(not f.done() for f in running)
+            batch_s = [f.result() for f in running]
+    p_alone, p_during = percentiles(alone), percentiles(during)
+    return {"batches": batches, "tasks_per_batch": batch_tasks, "clicks": clicks, "image": f"{width}x{height}",
+            "click_alone_ms": p_alone, "click_during_batches_ms": p_during,
+            "p50_ratio": round(p_during["p50"] / p_alone["p50"], 2) if p_alone["p50"] else None,
+            "batches_still_running_after_clicks": overlapped, "batch_s": [round(b, 2) for b in batch_s]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="'tiny' (random weights, default) or a model artifact path")
@@ -246,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--clicks-per-client", type=int, default=50)
     parser.add_argument("--sizes", default="1024x1024,4000x3000")
+    parser.add_argument("--batches", type=int, default=2, help="pre-annotation requests running during the clicks")
+    parser.add_argument("--batch-tasks", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for the server and the local predictor (default: torch's)")
     args = parser.parse_args(argv)
@@ -281,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
             conc["server_peak_rss_mb"] = server.peak_rss_mb()
             conc["server_metrics"] = http.get("/metrics").json()["requests"].get("POST /predict")
             report["concurrent"] = conc
+            batch_template = json.loads((FIXTURES / "predict_batch.json").read_text())["body"]
+            mixed = clicks_during_batches(server.url, images, template, batch_template, args.batches,
+                                          args.batch_tasks, args.clicks)
+            report["clicks_during_batches"] = mixed
+            print(f"[batches] repeat click p50 {mixed['click_alone_ms']['p50']} ms alone, "
+                  f"{mixed['click_during_batches_ms']['p50']} ms while {mixed['batches']} batches of "
+                  f"{mixed['tasks_per_batch']} tasks run (x{mixed['p50_ratio']}; batches still running after the "
+                  f"clicks: {mixed['batches_still_running_after_clicks']}; batch times {mixed['batch_s']} s)")
             print(f"[concurrent] {conc['clients']} clients x {conc['clicks_per_client']} clicks on {conc['image']}: "
                   f"errors {conc['errors']}, p50 {conc['latency_ms']['p50']} ms, p95 {conc['latency_ms']['p95']} ms, "
                   f"{conc['clicks_per_s']} clicks/s, server peak RSS {conc['server_peak_rss_mb']} MB")
