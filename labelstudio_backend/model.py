@@ -43,7 +43,7 @@ from .images import ImageError, ImageLoader
 from .jobs import JobManager, TrainingRunner
 from .label_config import LabelConfigError, ProjectSchema, parse_label_config
 from .metrics_log import Metrics
-from .prompts import InteractivePrompt, PromptError, prompt_from_context
+from .prompts import InteractivePrompt, PromptError, check_image_size, prompt_from_context
 from .results import schema_mask_result
 from .runtime import ModelRuntime, ServingModel
 
@@ -354,7 +354,14 @@ class OVSAMBackend:
 
 
 def _scaled_prompt(prompt: InteractivePrompt, width: int, height: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The prompt in pixels of the loaded image (Label Studio's size can differ, e.g. a re-encoded file)."""
+    """The prompt in pixels of the loaded image (Label Studio's size can differ, e.g. a re-encoded file).
+
+    A claimed size the image cannot explain is a 422: the answer is drawn at the claimed size.
+    """
+    try:
+        check_image_size(prompt.width, prompt.height, width, height)
+    except PromptError as exc:
+        raise RequestError(422, str(exc)) from exc
     sx, sy = width / prompt.width, height / prompt.height
     if (sx, sy) != (1.0, 1.0):
         log.warning(
