@@ -13,9 +13,10 @@
   order. The task ``score`` ranks tasks for active learning: the LOWEST region
   score in the task (region score = mask stability x class probability), and 0
   when nothing was found, so the tasks a human should look at first sort first.
-  A task whose image cannot be loaded gets an empty result and a warning; the
-  others are still predicted. Pre-annotating a task also leaves its image
-  embedding in the cache, so the annotator's first click is fast.
+  A task whose image cannot be loaded gets an empty result, a warning and an
+  entry in ``/metrics`` ``recent_errors``; the others are still predicted.
+  Pre-annotating a task also leaves its image embedding in the cache, so the
+  annotator's first click is fast.
 
 Model work runs in the caller's thread (the server uses a worker pool); the
 predictor serialises it per device.
@@ -38,6 +39,7 @@ import numpy as np
 from ovsam.model import ImageFeatures
 from ovsam.predictor import OVSAMPredictor, image_key
 
+from . import webhooks
 from .config import Settings
 from .images import ImageError, ImageLoader
 from .jobs import JobManager, TrainingRunner
@@ -241,6 +243,7 @@ class OVSAMBackend:
             except (ImageError, ValueError) as exc:  # this task's image; the others go on
                 log.warning("task %s: no prediction: %s", task.get("id"), exc)
                 self.metrics.count("tasks_failed")
+                self.metrics.record_error(f"no prediction: {exc}", task=task.get("id"), project=task.get("project"))
                 results.append(empty)
                 continue
             instances = generator.generate(features) if generator is not None else []
@@ -332,8 +335,8 @@ class OVSAMBackend:
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Webhook events: START_TRAINING starts a background job; everything else is acknowledged."""
         if event != "START_TRAINING":
-            self.metrics.count(f"webhook_{event.lower()}" if event else "webhook_unknown")
-            return {"status": "ignored", "action": event}
+            self.metrics.count(webhooks.counter_name(event))
+            return {"status": "ignored", "action": webhooks.echo(event)}
         project = data.get("project")
         project_id = project_id_of(project)
         xml = project.get("label_config") if isinstance(project, Mapping) else None
