@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 # Image URLs whose content key is remembered, so a click on an embedded image
 # skips download, decode and hashing.
 _MAX_REMEMBERED_URLS = 4096
+# Longer URLs (data: URIs carry the whole image) are not remembered: 4096 of them could be gigabytes.
+_MAX_REMEMBERED_URL_CHARS = 4096
 # Images loaded ahead of the model in pre-annotation (download overlaps inference).
 _PREFETCH = 2
 
@@ -311,6 +313,8 @@ class OVSAMBackend:
 
     def _remember(self, task: Mapping[str, Any], schema: ProjectSchema, key: str) -> None:
         url = self._image_url(task, schema)
+        if len(url) > _MAX_REMEMBERED_URL_CHARS:
+            return
         with self._url_lock:
             self._url_keys[url] = key
             self._url_keys.move_to_end(url)
