@@ -13,8 +13,9 @@ configured basic auth, 413 for a body over ``MAX_REQUEST_MB`` (announced or
 chunked: reading stops at the limit), 408 for a body that has not arrived
 within ``REQUEST_BODY_TIMEOUT_S``, and 500 (still JSON) only for a bug.
 
-``/health`` and ``/metrics`` are open to whoever reaches the port unless basic
-auth is configured, so without it they name files, not paths (``public_view``).
+``/health``, ``/metrics``, ``/versions`` and ``/jobs`` are open to whoever
+reaches the port unless basic auth is configured, so without it they name
+files, not paths (``public_view``).
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
         return _errors(500, f"internal error: {type(exc).__name__}: {exc}")
 
     def public(payload: dict[str, Any]) -> dict[str, Any]:
-        """/health and /metrics name files, not paths, unless callers must authenticate."""
+        """/health, /metrics, /versions and /jobs name files, not paths, unless callers must authenticate."""
         return payload if settings.basic_auth is not None else without_paths(payload)
 
     # -- endpoints -------------------------------------------------------------
@@ -332,22 +333,22 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
     async def versions(request: Request) -> dict[str, Any]:
         runtime = backend(request).runtime
         infos = await run_in_threadpool(runtime.versions)
-        return {
+        return public({
             "versions": [v.version for v in infos],
             "current": runtime.current.version,
             "details": [v.to_json() for v in infos],
-        }
+        })
 
     @app.get("/jobs")
     async def jobs(request: Request) -> dict[str, Any]:
-        return {"jobs": [j.to_json() for j in backend(request).jobs.list()]}
+        return public({"jobs": [j.to_json() for j in backend(request).jobs.list()]})
 
     @app.get("/jobs/{job_id}")
     async def job(request: Request, job_id: str) -> dict[str, Any]:
         found = backend(request).jobs.get(job_id)
         if found is None:
             raise RequestError(404, f"no job {job_id!r}")
-        return found.to_json()
+        return public(found.to_json())
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> dict[str, Any]:

@@ -335,7 +335,9 @@ def test_health_head_and_no_paths_without_auth(backend_env: dict[str, str], help
         assert health.json()["model"]["path"] == tiny_artifact.name
         metrics = http.get("/metrics")
         assert metrics.json()["model"]["path"] == tiny_artifact.name
-        for text in (health.text, metrics.text):
+        versions = http.get("/versions")
+        assert versions.status_code == 200 and all("/" not in d["path"] for d in versions.json()["details"])
+        for text in (health.text, metrics.text, versions.text):
             assert str(tiny_artifact.parent) not in text and backend_env["MODEL_DIR"] not in text
         assert "HEAD /health" in metrics.json()["requests"]
 
@@ -384,3 +386,22 @@ def test_data_uri_images_are_not_remembered_by_url(backend_env: dict[str, str], 
             assert r.status_code == 200, r.text
         remembered = app.state.backend._url_keys
         assert all(len(u) <= 4096 for u in remembered)
+
+
+def test_public_view_reduces_paths_to_names() -> None:
+    from labelstudio_backend.public_view import without_paths
+
+    payload = {
+        "model": {"path": "/srv/models/versions/tiny-2.safetensors", "version": "tiny-2"},
+        "jobs": {"latest": {"1": {"artifact": "/srv/models/out/tiny-3.safetensors", "message": "trained tiny-3"}}},
+        "recent_errors": [
+            {"message": "no prediction: local file '/srv/images/a/b.png' cannot be read: No such file"},
+            {"message": "'/data/upload/1/x.png' is relative to Label Studio but LABEL_STUDIO_URL is not set"},
+        ],
+    }
+    out = without_paths(payload)
+    assert out["model"] == {"path": "tiny-2.safetensors", "version": "tiny-2"}
+    assert out["jobs"]["latest"]["1"]["artifact"] == "tiny-3.safetensors"
+    assert "/srv" not in json.dumps(out) and "'.../b.png'" in out["recent_errors"][0]["message"]
+    assert out["recent_errors"][1] == payload["recent_errors"][1]  # Label Studio URLs are not server paths
+    assert payload["model"]["path"].startswith("/srv")  # the input is not changed
