@@ -1,4 +1,4 @@
-"""``python -m labelstudio_backend [--host H] [--port 9090]``: start the ML backend with uvicorn.
+"""``python -m labelstudio_backend [--host 127.0.0.1] [--port 9090]``: start the ML backend with uvicorn.
 
 Everything else is configured through environment variables (see ``config.py``).
 One process serves all requests: the model lives once in (GPU) memory and
@@ -14,13 +14,23 @@ from collections.abc import Sequence
 
 from .config import Settings, SettingsError
 
+# Loopback by default: the backend holds a Label Studio token, so listening on every
+# interface is a deliberate choice (the container image passes --host 0.0.0.0).
+DEFAULT_HOST = "127.0.0.1"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m labelstudio_backend",
         description="Open-Vocabulary SAM ML backend for Label Studio (configured by environment variables).",
     )
-    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"), help="bind address (default 0.0.0.0)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("HOST", DEFAULT_HOST),
+        help=f"bind address (default {DEFAULT_HOST}, this machine only; env HOST). Use --host 0.0.0.0 to listen on "
+        "all interfaces, e.g. in a container or for a Label Studio on another machine, and then set "
+        "BASIC_AUTH_USER/BASIC_AUTH_PASS",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")), help="port (default 9090)")
     args = parser.parse_args(argv)
     try:

@@ -47,7 +47,13 @@ limits: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``, ``IMAGE_TIMEOUT_S``,
 ``MAX_LABEL_CONFIG_KB``     largest label config accepted (default 1024).
 ``VOCABULARY_WAIT_S``       how long a request waits for its project's text embeddings
                             being built before it gets a 503 with the progress (default 20).
-``MAX_REQUEST_MB``          largest request body accepted (default 64).
+``MAX_REQUEST_MB``          largest request body accepted (default 64), chunked or not:
+                            reading stops at the limit with 413.
+``REQUEST_BODY_TIMEOUT_S``  the whole request body must arrive within this time (default
+                            30), or the request gets 408 and the connection is closed: a
+                            client announcing more than it sends cannot hold a worker.
+``LABEL_CONFIG_CACHE_MB``   parsed label configs kept, in MB of XML (default 16); a config
+                            larger than a quarter of it is parsed on every request instead.
 ==========================  ==============================================================
 """
 
@@ -132,6 +138,8 @@ class Settings:
     max_label_config_kb: float = 1024.0
     vocabulary_wait_s: float = 20.0
     max_request_mb: float = 64.0
+    request_body_timeout_s: float = 30.0
+    label_config_cache_mb: float = 16.0
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -146,6 +154,10 @@ class Settings:
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * 1024 * 1024)
+
+    @property
+    def label_config_cache_bytes(self) -> int:
+        return int(self.label_config_cache_mb * 1024 * 1024)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -178,4 +190,6 @@ class Settings:
             max_label_config_kb=_number(env, "MAX_LABEL_CONFIG_KB", 1024.0, low=1.0),
             vocabulary_wait_s=_number(env, "VOCABULARY_WAIT_S", 20.0, low=0.0),
             max_request_mb=_number(env, "MAX_REQUEST_MB", 64.0, low=0.001),
+            request_body_timeout_s=_number(env, "REQUEST_BODY_TIMEOUT_S", 30.0, low=0.1, high=3600.0),
+            label_config_cache_mb=_number(env, "LABEL_CONFIG_CACHE_MB", 16.0, low=0.0),
         )

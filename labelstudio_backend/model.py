@@ -13,9 +13,10 @@
   order. The task ``score`` ranks tasks for active learning: the LOWEST region
   score in the task (region score = mask stability x class probability), and 0
   when nothing was found, so the tasks a human should look at first sort first.
-  A task whose image cannot be loaded gets an empty result and a warning; the
-  others are still predicted. Pre-annotating a task also leaves its image
-  embedding in the cache, so the annotator's first click is fast.
+  A task whose image cannot be loaded gets an empty result, a warning and an
+  entry in ``/metrics`` ``recent_errors``; the others are still predicted.
+  Pre-annotating a task also leaves its image embedding in the cache, so the
+  annotator's first click is fast.
 
 A request is split into steps (:class:`PredictPlan`): checking it, waiting for
 the project's text embeddings (built on their own thread), downloading a new
@@ -43,13 +44,14 @@ import numpy as np
 from ovsam.model import ImageFeatures
 from ovsam.predictor import OVSAMPredictor, image_key
 
+from . import webhooks
 from .config import Settings
 from .images import ImageError, ImageLoader
 from .jobs import JobManager, TrainingRunner
 from .lanes import background_lane
 from .label_config import LabelConfigError, ProjectSchema, parse_label_config
 from .metrics_log import Metrics
-from .prompts import InteractivePrompt, PromptError, prompt_from_context
+from .prompts import InteractivePrompt, PromptError, check_image_size, prompt_from_context
 from .results import schema_mask_result
 from .runtime import ModelRuntime, ServingModel
 
@@ -60,6 +62,8 @@ log = logging.getLogger(__name__)
 # Image URLs whose content key is remembered, so a click on an embedded image
 # skips download, decode and hashing.
 _MAX_REMEMBERED_URLS = 4096
+# Longer URLs (data: URIs carry the whole image) are not remembered: 4096 of them could be gigabytes.
+_MAX_REMEMBERED_URL_CHARS = 4096
 # Images loaded ahead of the model in pre-annotation (download overlaps inference).
 _PREFETCH = 2
 
@@ -356,6 +360,7 @@ class OVSAMBackend:
             except (ImageError, ValueError) as exc:  # this task's image; the others go on
                 log.warning("task %s: no prediction: %s", task.get("id"), exc)
                 self.metrics.count("tasks_failed")
+                self.metrics.record_error(f"no prediction: {exc}", task=task.get("id"), project=task.get("project"))
                 results.append(empty)
                 continue
             instances = generator.generate(features) if generator is not None else []
@@ -422,6 +427,8 @@ class OVSAMBackend:
         return self.images.load(self._image_url(task, schema))
 
     def _remember(self, url: str, key: str) -> None:
+        if len(url) > _MAX_REMEMBERED_URL_CHARS:  # a data: URI carries its whole image: not worth a key
+            return
         with self._url_lock:
             self._url_keys[url] = key
             self._url_keys.move_to_end(url)
@@ -438,8 +445,8 @@ class OVSAMBackend:
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Webhook events: START_TRAINING starts a background job; everything else is acknowledged."""
         if event != "START_TRAINING":
-            self.metrics.count(f"webhook_{event.lower()}" if event else "webhook_unknown")
-            return {"status": "ignored", "action": event}
+            self.metrics.count(webhooks.counter_name(event))
+            return {"status": "ignored", "action": webhooks.echo(event)}
         project = data.get("project")
         project_id = project_id_of(project)
         xml = project.get("label_config") if isinstance(project, Mapping) else None
@@ -465,7 +472,14 @@ def _log_vocabulary_failure(future: Future[OVSAMPredictor]) -> None:
 
 
 def _scaled_prompt(prompt: InteractivePrompt, width: int, height: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The prompt in pixels of the loaded image (Label Studio's size can differ, e.g. a re-encoded file)."""
+    """The prompt in pixels of the loaded image (Label Studio's size can differ, e.g. a re-encoded file).
+
+    A claimed size the image cannot explain is a 422: the answer is drawn at the claimed size.
+    """
+    try:
+        check_image_size(prompt.width, prompt.height, width, height)
+    except PromptError as exc:
+        raise RequestError(422, str(exc)) from exc
     sx, sy = width / prompt.width, height / prompt.height
     if (sx, sy) != (1.0, 1.0):
         log.warning(

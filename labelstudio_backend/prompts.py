@@ -6,6 +6,10 @@ the one just drawn. So all keypoints (positive and Alt+click negative) must be
 combined, and a box, if any, added. Coordinates arrive in percent of the
 original image (0-100); the model wants pixels, so they are converted here and
 checked once, instead of letting a bad request reach the model.
+
+The size the regions claim (``original_width``/``original_height``) is the
+client's word; :func:`check_image_size` holds it against the image actually
+loaded, because the answer's mask is drawn at the claimed size.
 """
 
 from __future__ import annotations
@@ -20,13 +24,19 @@ import numpy as np
 __all__ = [
     "InteractivePrompt",
     "PromptError",
+    "check_image_size",
     "parse_prompt",
     "prompt_from_context",
 ]
 
-# Points (and box corners) may lie this fraction of the image size outside the
-# image (the editor can place a point on the very edge); they are clipped.
+# Points may lie this fraction of the image size outside the image (the editor
+# can place a point on the very edge); they are clipped. Boxes are clipped
+# whatever their overhang (the editor lets annotators drag past the edge).
 EDGE_TOLERANCE = 0.005
+# How far the claimed image size may exceed the loaded image's, per side: a
+# re-encoded or EXIF-rotated file can be off by rounding, not by more.
+SIZE_TOLERANCE_PX = 1
+SIZE_TOLERANCE_FRACTION = 0.01
 # A box narrower or lower than this, in pixels, carries no usable extent.
 MIN_BOX_SIZE_PX = 1.0
 
@@ -76,7 +86,10 @@ def _number(value: Any, what: str) -> float:
     # bool is an int subclass in Python but never a coordinate.
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise PromptError(f"{what} must be a number, got {value!r}")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # an integer beyond float range, e.g. 400 digits
+        raise PromptError(f"{what} must be a finite number, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(out):
         raise PromptError(f"{what} must be finite, got {value!r}")
     return out
@@ -117,17 +130,30 @@ def _check_coordinate(v: float, size: int, what: str, index: int) -> float:
     return min(max(v, 0.0), float(size))
 
 
+def _pixels(value: Mapping[str, Any], key: str, size: int, index: int) -> float:
+    """``value[key]`` (percent) in pixels; finite percents can still overflow once scaled."""
+    out = _number(value.get(key), f"region {index} value.{key}") / 100.0 * size
+    if not math.isfinite(out):
+        raise PromptError(f"region {index} value.{key}={value.get(key)!r} is far outside the image")
+    return out
+
+
+def _clip(v: float, size: int) -> float:
+    return min(max(v, 0.0), float(size))
+
+
 def _keypoint(value: Mapping[str, Any], w: int, h: int, index: int) -> tuple[float, float]:
-    x = _number(value.get("x"), f"region {index} value.x") / 100.0 * w
-    y = _number(value.get("y"), f"region {index} value.y") / 100.0 * h
+    x = _pixels(value, "x", w, index)
+    y = _pixels(value, "y", h, index)
     return _check_coordinate(x, w, "x", index), _check_coordinate(y, h, "y", index)
 
 
 def _rectangle(value: Mapping[str, Any], w: int, h: int, index: int) -> np.ndarray:
-    x = _number(value.get("x"), f"region {index} value.x") / 100.0 * w
-    y = _number(value.get("y"), f"region {index} value.y") / 100.0 * h
-    bw = _number(value.get("width"), f"region {index} value.width") / 100.0 * w
-    bh = _number(value.get("height"), f"region {index} value.height") / 100.0 * h
+    """The box's axis-aligned bounds clipped to the image; only a box with no overlap is refused."""
+    x = _pixels(value, "x", w, index)
+    y = _pixels(value, "y", h, index)
+    bw = _pixels(value, "width", w, index)
+    bh = _pixels(value, "height", h, index)
     rotation = value.get("rotation", 0) or 0
     rotation = _number(rotation, f"region {index} value.rotation")
     if bw < MIN_BOX_SIZE_PX or bh < MIN_BOX_SIZE_PX:
@@ -135,23 +161,45 @@ def _rectangle(value: Mapping[str, Any], w: int, h: int, index: int) -> np.ndarr
             f"region {index} is a degenerate box ({bw:.2f}x{bh:.2f}px); draw a larger box"
         )
     if rotation % 360.0 == 0.0:
-        x1 = _check_coordinate(x, w, "x", index)
-        y1 = _check_coordinate(y, h, "y", index)
-        x2 = _check_coordinate(x + bw, w, "x+width", index)
-        y2 = _check_coordinate(y + bh, h, "y+height", index)
+        xs, ys = [x, x + bw], [y, y + bh]
     else:
         # Rotated around the top-left corner (Konva convention, y points down).
-        # Rotating naturally pushes corners out of the image, so clip instead of rejecting.
         t = math.radians(rotation)
         c, s = math.cos(t), math.sin(t)
         corners = [(0.0, 0.0), (bw, 0.0), (bw, bh), (0.0, bh)]
         xs = [x + cx * c - cy * s for cx, cy in corners]
         ys = [y + cx * s + cy * c for cx, cy in corners]
-        x1, x2 = (min(max(v, 0.0), float(w)) for v in (min(xs), max(xs)))
-        y1, y2 = (min(max(v, 0.0), float(h)) for v in (min(ys), max(ys)))
+    if not all(math.isfinite(v) for v in (*xs, *ys)):
+        raise PromptError(f"region {index} box lies far outside the image")
+    x1, x2 = _clip(min(xs), w), _clip(max(xs), w)
+    y1, y2 = _clip(min(ys), h), _clip(max(ys), h)
     if x2 - x1 < MIN_BOX_SIZE_PX or y2 - y1 < MIN_BOX_SIZE_PX:
-        raise PromptError(f"region {index} box has no extent inside the image")
+        raise PromptError(
+            f"region {index} box ({min(xs):.1f}, {min(ys):.1f})-({max(xs):.1f}, {max(ys):.1f})px "
+            f"has no extent inside the image (0..{w} x 0..{h}px)"
+        )
     return np.array([x1, y1, x2, y2], dtype=np.float64)
+
+
+def check_image_size(claimed_width: int, claimed_height: int, width: int, height: int) -> None:
+    """Refuse a claimed size the loaded ``width`` x ``height`` image cannot explain.
+
+    The answer's mask is drawn at the claimed size (Label Studio decodes it at
+    ``original_width`` x ``original_height``), so a claim far beyond the real
+    image would make the backend allocate what the client asks for. A smaller
+    claim with the same aspect ratio is kept (the prompt is scaled); a larger
+    one or a different aspect ratio, beyond rounding, raises :class:`PromptError`.
+    """
+    def slack(size: int) -> float:
+        return max(SIZE_TOLERANCE_PX, SIZE_TOLERANCE_FRACTION * size)
+
+    sizes = f"the regions were drawn on a {claimed_width}x{claimed_height} image but the task's image is {width}x{height}"
+    if claimed_width > width + slack(width) or claimed_height > height + slack(height):
+        raise PromptError(f"{sizes}; original_width/original_height must not exceed the image's size")
+    # Heights implied by each other's aspect ratio: a downscaled claim rounds each side by up to 0.5 px.
+    expected_height = claimed_width * height / width
+    if abs(expected_height - claimed_height) > slack(claimed_height) + 0.5 * (1 + height / width):
+        raise PromptError(f"{sizes}; their aspect ratios differ")
 
 
 def parse_prompt(

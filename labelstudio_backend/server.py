@@ -11,8 +11,13 @@ in between held by no thread. Training runs in background jobs (``jobs.py``).
 
 Errors are always JSON ``{"errors": [...]}``: 400 for a body that is not the
 protocol's shape, 422 for input the model cannot use, 401 without the
-configured basic auth, 413 for an oversized body, and 500 (still JSON) only
-for a bug.
+configured basic auth, 413 for a body over ``MAX_REQUEST_MB`` (announced or
+chunked: reading stops at the limit), 408 for a body that has not arrived
+within ``REQUEST_BODY_TIMEOUT_S``, and 500 (still JSON) only for a bug.
+
+``/health``, ``/metrics``, ``/versions`` and ``/jobs`` are open to whoever
+reaches the port unless basic auth is configured, so without it they name
+files, not paths (``public_view``).
 """
 
 from __future__ import annotations
@@ -40,8 +45,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .config import Settings
 from .images import ImageLoader, ImageLoaderConfig
 from .jobs import JobManager
+from .label_config import cache_stats as label_config_cache_stats
+from .label_config import set_cache_limit as set_label_config_cache_limit
 from .metrics_log import Metrics, configure_logging
 from .model import OVSAMBackend, PredictPlan, RequestError, project_id_of
+from .public_view import without_paths
 from .registry import ModelRegistry
 from .runtime import ModelRuntime
 
@@ -58,13 +66,35 @@ def _json_bytes(payload: Any) -> bytes:
     return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
 
 
+# Methods counted by name in /metrics; any other (a client's invention) counts as OTHER.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Answers that leave part of the body unread close the connection instead of reading on.
+_CLOSE = {"Connection": "close"}
+
+
+class _BodyRefused(Exception):
+    """Raised by the guarded ``receive`` when the body breaks a limit; ``_Guard`` answers it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class _Guard:
-    """ASGI middleware: basic auth, body-size limit, and per-endpoint metrics for every request."""
+    """ASGI middleware: basic auth, request-body budget, and per-endpoint metrics for every request.
+
+    The body budget is enforced on what is actually received, not only on the
+    announced ``Content-Length``: a chunked body is cut off at ``MAX_REQUEST_MB``
+    (413), and the whole body must arrive within ``REQUEST_BODY_TIMEOUT_S``
+    (408), so a client sending less than it announced cannot hold a worker.
+    """
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app = app
         self.auth = settings.basic_auth
         self.max_bytes = settings.max_request_bytes
+        self.body_timeout_s = settings.request_body_timeout_s
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,23 +103,60 @@ class _Guard:
             return
         start = time.perf_counter()
         status = 500
+        started = False
 
         async def send_and_record(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
             rejection = self._reject(scope)
             if rejection is not None:
                 await rejection(scope, receive, send_and_record)
-            else:
-                await self.app(scope, receive, send_and_record)
+                return
+            try:
+                await self.app(scope, self._bounded(receive, start + self.body_timeout_s), send_and_record)
+            except _BodyRefused as exc:
+                log.warning("refused request body (%d): %s", exc.status, exc.message)
+                if not started:  # otherwise the answer is cut short, and uvicorn closes the connection
+                    await _errors(exc.status, exc.message, headers=_CLOSE)(scope, receive, send_and_record)
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "other"
-            self.metrics.observe(f"{scope['method']} {endpoint}", status, time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            self.metrics.observe(f"{method} {endpoint}", status, time.perf_counter() - start)
+
+    def _bounded(self, receive: Receive, deadline: float) -> Receive:
+        """``receive`` that counts body bytes against the limit and the body against its deadline.
+
+        Once the body is complete, calls pass straight through: waiting for the
+        client's disconnect afterwards is not bounded by the body deadline.
+        """
+        received = 0
+        complete = False
+
+        async def bounded_receive() -> Message:
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                raise _BodyRefused(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                        "(REQUEST_BODY_TIMEOUT_S)") from None
+            if message["type"] != "http.request":
+                complete = True
+                return message
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _BodyRefused(413, f"request body is more than the limit of {self.max_bytes} bytes "
+                                        "(MAX_REQUEST_MB); stopped reading it")
+            complete = not message.get("more_body", False)
+            return message
+
+        return bounded_receive
 
     def _reject(self, scope: Scope) -> Response | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -99,7 +166,7 @@ class _Guard:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
             return _errors(413, f"request body of {length} bytes is more than the limit of "
-                                f"{self.max_bytes} bytes (MAX_REQUEST_MB)")
+                                f"{self.max_bytes} bytes (MAX_REQUEST_MB)", headers=_CLOSE)
         return None
 
     def _authorised(self, header: str) -> bool:
@@ -134,6 +201,9 @@ async def _read_json(request: Request) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:  # the parser recurses per level; Label Studio's bodies are a few levels deep
+        raise RequestError(400, "request body is nested too deeply to parse (JSON arrays/objects "
+                                "more than about 1000 levels deep)") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -208,6 +278,7 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
     """
     settings = settings or Settings.from_env()
     metrics = Metrics()
+    set_label_config_cache_limit(settings.label_config_cache_bytes)
     # Lanes: clicks, batches and image downloads each have their own threads, so none can take all of
     # another's (a slow image host or a long batch never holds a thread a click on an embedded image needs).
     executor = ThreadPoolExecutor(max_workers=settings.predict_workers, thread_name_prefix="predict")
@@ -253,21 +324,27 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
+        metrics.record_error(f"internal error in {request.method} {request.url.path}: {type(exc).__name__}: {exc}")
         return _errors(500, f"internal error: {type(exc).__name__}: {exc}")
 
+    def public(payload: dict[str, Any]) -> dict[str, Any]:
+        """/health, /metrics, /versions and /jobs name files, not paths, unless callers must authenticate."""
+        return payload if settings.basic_auth is not None else without_paths(payload)
+
     # -- endpoints -------------------------------------------------------------
-    @app.get("/")
-    @app.get("/health")
+    @app.api_route("/", methods=["GET", "HEAD"])
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD
     async def health(request: Request) -> dict[str, Any]:
         be = backend(request)
         serving = be.runtime.current
-        return {
+        return public({
             "status": "UP",
             "model_class": "OVSAMBackend",
             "model_version": serving.version,
             "model": serving.describe(),
             "jobs": be.jobs.summary(),
-        }
+            "errors": metrics.errors_summary(),  # failures no answer shows; the list is in /metrics
+        })
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
@@ -319,22 +396,22 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
     async def versions(request: Request) -> dict[str, Any]:
         runtime = backend(request).runtime
         infos = await run_in_threadpool(runtime.versions)
-        return {
+        return public({
             "versions": [v.version for v in infos],
             "current": runtime.current.version,
             "details": [v.to_json() for v in infos],
-        }
+        })
 
     @app.get("/jobs")
     async def jobs(request: Request) -> dict[str, Any]:
-        return {"jobs": [j.to_json() for j in backend(request).jobs.list()]}
+        return public({"jobs": [j.to_json() for j in backend(request).jobs.list()]})
 
     @app.get("/jobs/{job_id}")
     async def job(request: Request, job_id: str) -> dict[str, Any]:
         found = backend(request).jobs.get(job_id)
         if found is None:
             raise RequestError(404, f"no job {job_id!r}")
-        return found.to_json()
+        return public(found.to_json())
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> dict[str, Any]:
@@ -345,8 +422,9 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
             model_version=serving.version,
             model=serving.describe(),
             image_cache=_image_cache_stats(be.images),
+            label_config_cache=label_config_cache_stats(),
             jobs=be.jobs.summary(),
         )
-        return snapshot
+        return public(snapshot)
 
     return app

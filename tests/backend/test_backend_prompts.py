@@ -14,6 +14,7 @@ from labelstudio_backend.label_config import parse_label_config
 from labelstudio_backend.prompts import (
     InteractivePrompt,
     PromptError,
+    check_image_size,
     parse_prompt,
     prompt_from_context,
 )
@@ -206,7 +207,11 @@ def _with_value(region: dict, **value) -> dict:
         ([_with_value(_box(1, 1, 10, 10), rotation="9")], "must be a number"),
         ([_keypoint(101, 50)], "outside the image"),
         ([_keypoint(50, -1)], "outside the image"),
-        ([_box(95, 10, 10, 10)], "outside the image"),
+        ([_box(101, 10, 10, 10)], "no extent inside the image"),  # entirely past the right edge
+        ([_box(-20, 10, 19.5, 10)], "no extent inside the image"),  # ends 0.8 px inside the left edge
+        ([_with_value(_keypoint(1, 1), x=10**400)], "finite number"),
+        ([_with_value(_keypoint(1, 1), x=-1.5e308)], "far outside the image"),  # finite %, infinite px
+        ([_box(1.1e308, 1, 1.1e308, 10)], "far outside the image"),  # x + width overflows
         ([_box(10, 10, 0, 10)], "degenerate box"),
         ([_box(10, 10, 10, 0)], "degenerate box"),
         ([_box(10, 10, -5, 10)], "degenerate box"),
@@ -220,3 +225,40 @@ def test_region_errors(result, message):
     with pytest.raises(PromptError, match=message) as info:
         parse_prompt(result)
     assert isinstance(info.value, ValueError)
+
+
+def test_boxes_past_the_edge_are_clipped():
+    # dragged 3 px past the left edge (x = -3 px) and past the bottom-right corner
+    prompt = parse_prompt([_box(-3 / 1.6, 10, 50, 50)])
+    np.testing.assert_allclose(prompt.box, [0, 12, 80 - 3, 72])
+    prompt = parse_prompt([_box(80, 60, 40, 60)])
+    np.testing.assert_allclose(prompt.box, [128, 72, 160, 120])
+    # a box larger than the image on every side is the whole image
+    np.testing.assert_allclose(parse_prompt([_box(-10, -10, 130, 130)]).box, [0, 0, 160, 120])
+
+
+def test_points_keep_the_small_tolerance():
+    np.testing.assert_allclose(parse_prompt([_keypoint(100.4, 50)]).points, [[160, 60]])
+    with pytest.raises(PromptError, match="outside the image"):
+        parse_prompt([_keypoint(102, 50)])
+
+
+@pytest.mark.parametrize(
+    "claimed,real",
+    [((160, 120), (160, 120)), ((161, 121), (160, 120)), ((80, 60), (160, 120)), ((100, 75), (1000, 750)),
+     ((33, 25), (160, 120)), ((1, 1), (3, 2)), ((4040, 3030), (4000, 3000))],
+)
+def test_claimed_sizes_explained_by_the_image_are_accepted(claimed, real):
+    check_image_size(*claimed, *real)
+
+
+@pytest.mark.parametrize(
+    "claimed,real,message",
+    [((30000, 30000), (160, 120), "must not exceed"), ((163, 120), (160, 120), "must not exceed"),
+     ((160, 123), (160, 120), "must not exceed"), ((160, 90), (160, 120), "aspect ratios differ"),
+     ((80, 80), (160, 120), "aspect ratios differ"), ((4100, 3000), (4000, 3000), "must not exceed")],
+)
+def test_claimed_sizes_beyond_rounding_are_refused(claimed, real, message):
+    with pytest.raises(PromptError, match=message) as info:
+        check_image_size(*claimed, *real)
+    assert f"{claimed[0]}x{claimed[1]}" in str(info.value) and f"{real[0]}x{real[1]}" in str(info.value)
