@@ -39,7 +39,7 @@ from ovsam.model import ImageFeatures
 from ovsam.predictor import OVSAMPredictor, image_key
 
 from .config import Settings
-from .images import ImageError, ImageLoader
+from .images import ImageError, ImageLoader, LabelStudioConflict
 from .jobs import JobManager, TrainingRunner
 from .label_config import LabelConfigError, ProjectSchema, parse_label_config
 from .metrics_log import Metrics
@@ -51,8 +51,9 @@ __all__ = ["OVSAMBackend", "RequestError", "project_id_of"]
 
 log = logging.getLogger(__name__)
 
-# Image URLs whose content key is remembered, so a click on an embedded image
-# skips download, decode and hashing.
+# Image identities (ImageLoader.source_key: URL with Label Studio's origin, local
+# file with its size and mtime) whose content key is remembered, so a click on an
+# embedded image skips download, decode and hashing.
 _MAX_REMEMBERED_URLS = 4096
 # Images loaded ahead of the model in pre-annotation (download overlaps inference).
 _PREFETCH = 2
@@ -126,9 +127,12 @@ class OVSAMBackend:
     def setup(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Label Studio's connect / pre-prediction check: must answer in well under 3 s."""
         hostname, token = body.get("hostname"), body.get("access_token")
-        self.images.update_from_setup(
-            hostname if isinstance(hostname, str) else None, token if isinstance(token, str) else None
-        )
+        try:
+            self.images.update_from_setup(
+                hostname if isinstance(hostname, str) else None, token if isinstance(token, str) else None
+            )
+        except LabelStudioConflict as exc:
+            raise RequestError(409, str(exc)) from exc
         out: dict[str, Any] = {"model_version": self.model_version, "status": "ok"}
         xml = body.get("schema")
         if xml is not None:
@@ -307,18 +311,19 @@ class OVSAMBackend:
         return self.images.load(self._image_url(task, schema))
 
     def _remember(self, task: Mapping[str, Any], schema: ProjectSchema, key: str) -> None:
-        url = self._image_url(task, schema)
+        source = self.images.source_key(self._image_url(task, schema))  # changes when the image does
         with self._url_lock:
-            self._url_keys[url] = key
-            self._url_keys.move_to_end(url)
+            self._url_keys[source] = key
+            self._url_keys.move_to_end(source)
             while len(self._url_keys) > _MAX_REMEMBERED_URLS:
                 self._url_keys.popitem(last=False)
 
     def _features(self, serving: ServingModel, task: Mapping[str, Any], schema: ProjectSchema) -> ImageFeatures:
-        """The task image's embedding: from the cache when this URL was embedded before."""
+        """The task image's embedding: from the cache when this image (``source_key``) was embedded before."""
         url = self._image_url(task, schema)
+        source = self.images.source_key(url)
         with self._url_lock:
-            key = self._url_keys.get(url)
+            key = self._url_keys.get(source)
         if key is not None:
             cached = serving.predictor.cache.get(key)
             if cached is not None:
