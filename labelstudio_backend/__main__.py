@@ -8,6 +8,8 @@ model work is serialised per device inside it, so uvicorn runs one worker.
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -45,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .server import create_app
 
     configure_logging(settings.log_level)
+    if settings.basic_auth is None and not _is_loopback(args.host):
+        logging.getLogger("labelstudio_backend").warning(
+            "listening on %s without BASIC_AUTH_USER/BASIC_AUTH_PASS: anyone who can reach port %d can use the "
+            "backend and call /setup; set basic auth, or bind to 127.0.0.1 (--host)", args.host, args.port,
+        )
     uvicorn.run(
         create_app(settings),
         host=args.host,
@@ -54,6 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    """True for a bind address only this machine can reach."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to anything
 
 
 if __name__ == "__main__":

@@ -6,14 +6,16 @@ default and is validated at start-up: a typo fails loudly instead of serving
 with a silent default.
 
 Environment variables (see also ``images.ImageLoaderConfig`` for image download
-limits: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``, ``IMAGE_TIMEOUT_S``,
-``IMAGE_CACHE_BYTES``, ``ALLOWED_IMAGE_HOSTS``, ``LOCAL_FILES_DOCUMENT_ROOT``):
+limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
+``IMAGE_TIMEOUT_S``, ``IMAGE_CACHE_BYTES``, ``IMAGE_MAX_DOWNLOADS``,
+``ALLOWED_IMAGE_HOSTS``, ``LOCAL_FILES_DOCUMENT_ROOT``):
 
 ==========================  ==============================================================
 ``LABEL_STUDIO_URL``        Label Studio's address (alias ``LABEL_STUDIO_HOST``), for
-                            ``/data/upload/...`` images and the training export.
+                            ``/data/upload/...`` images and the training export. Unset:
+                            the first ``/setup`` hostname (warned at start-up).
 ``LABEL_STUDIO_API_KEY``    legacy token or personal access token (alias
-                            ``LABEL_STUDIO_ACCESS_TOKEN``).
+                            ``LABEL_STUDIO_ACCESS_TOKEN``); sent only to ``LABEL_STUDIO_URL``.
 ``MODEL_DIR``               model registry: ``versions/*.safetensors`` + ``current``
                             (default ``./models``).
 ``OVSAM_CHECKPOINT``        base model: an artifact file or official weights (file or dir).

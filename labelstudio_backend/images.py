@@ -5,12 +5,19 @@ A task's image value can be a path relative to Label Studio (``/data/upload/...`
 http(s) URL (often a pre-signed cloud URL), a ``data:`` URI, or a local path.
 Relative URLs need Label Studio's address and an API key: a legacy key is sent as
 ``Token <key>``; a personal access token (a JWT refresh token) is exchanged at
-``/api/token/refresh/`` for a short-lived access token sent as ``Bearer``. Our
-credentials are only ever sent to Label Studio's own host.
+``/api/token/refresh/`` for a short-lived access token sent as ``Bearer``.
 
-Task data is user input, so downloads are bounded (timeouts, bytes, pixels; the
-pixel count is read from the header before decoding) and local reads are
-confined to configured roots. EXIF orientation is applied because browsers, and
+Credentials are pairs: the environment's key goes only to ``LABEL_STUDIO_URL``,
+and a ``/setup`` token only to the ``/setup`` hostname it came with (see
+:meth:`ImageLoader.update_from_setup`). A header is attached only when the
+prepared request's scheme, host and port equal Label Studio's origin, on every
+redirect hop. Every request goes through :mod:`.outbound`'s guarded session:
+ambiguous URLs are refused, and the address actually contacted is checked
+against the outbound policy (``ALLOWED_IMAGE_HOSTS``) at connect time.
+
+Task data is user input, so downloads are bounded (one deadline for the whole
+download, bytes, pixels, concurrent downloads; the pixel count is read from the
+header before decoding) and local reads are confined to configured roots. EXIF orientation is applied because browsers, and
 so Label Studio's ``original_width``/``original_height``, use it. Every failure
 raises :class:`ImageError` with a message fit for the annotator.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import logging
@@ -30,13 +38,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urljoin, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urljoin, urlsplit
 
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "ImageLoader", "ImageLoaderConfig", "is_jwt"]
+from . import outbound
+from .outbound import OutboundRefused
+
+__all__ = ["ImageError", "ImageLoader", "ImageLoaderConfig", "LabelStudioConflict", "is_jwt"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,10 @@ _DEFAULT_TOKEN_LIFETIME_S = 240.0
 
 class ImageError(ValueError):
     """The task image cannot be loaded (message says why)."""
+
+
+class LabelStudioConflict(Exception):
+    """A ``/setup`` names another Label Studio than the one this backend is bound to."""
 
 
 def _b64url_decode(part: str) -> bytes:
@@ -100,19 +115,6 @@ def _env_number(env: Mapping[str, str], name: str, default: float, cast: type) -
     return value
 
 
-def _origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) with default ports filled in, for host comparisons."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        return None
-    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
-
-
 @dataclass(frozen=True)
 class ImageLoaderConfig:
     """Settings of :class:`ImageLoader`; :meth:`from_env` reads them from the environment.
@@ -120,22 +122,35 @@ class ImageLoaderConfig:
     Environment variables:
 
     * ``LABEL_STUDIO_URL`` (alias ``LABEL_STUDIO_HOST``): Label Studio's address,
-      for relative task URLs such as ``/data/upload/1/x.png``.
+      for relative task URLs such as ``/data/upload/1/x.png``. When set, it is
+      the only Label Studio: ``/setup`` cannot change it.
     * ``LABEL_STUDIO_API_KEY`` (alias ``LABEL_STUDIO_ACCESS_TOKEN``): legacy API
-      key or personal access token.
+      key or personal access token. Sent only to ``LABEL_STUDIO_URL``; without
+      ``LABEL_STUDIO_URL`` it is not used at all (a warning says so).
     * ``IMAGE_MAX_BYTES`` (default 64 MiB), ``IMAGE_MAX_PIXELS`` (default 100 M),
-      ``IMAGE_TIMEOUT_S`` (connect and read timeout, default 30 s),
-      ``IMAGE_CACHE_BYTES`` (in-memory cache of downloads, default 256 MiB; 0 = off).
-    * ``ALLOWED_IMAGE_HOSTS``: comma-separated host names (or ``host:port``) that
-      absolute URLs may point to; empty = any http(s) host. Label Studio's own
-      host is always allowed.
+      ``IMAGE_TIMEOUT_S`` (one deadline for a whole download: connect, headers,
+      body and every redirect hop; default 30 s), ``IMAGE_CACHE_BYTES``
+      (in-memory cache of downloads, default 256 MiB; 0 = off),
+      ``IMAGE_MAX_DOWNLOADS`` (downloads at a time; others wait, within their
+      deadline, for a slot; default 8).
+    * ``ALLOWED_IMAGE_HOSTS``: where images may be downloaded from, as
+      comma-separated entries: a host name, ``host:port``, an IP address
+      (``[v6]:port`` with a port), a CIDR network (``10.0.0.0/8``), or ``*``
+      (any public host). Unset or empty: Label Studio's origin and any public
+      host. Set without ``*``: only the listed hosts and Label Studio's origin.
+      Loopback, private and other non-public addresses are refused unless they
+      are Label Studio's origin or listed (a listed name, IP or network permits
+      them); link-local and cloud metadata addresses (``169.254.169.254``,
+      ``metadata.google.internal``, ...) are always refused. The check is made
+      on the resolved address at connect time, on every redirect. No proxy is
+      used (``HTTP_PROXY`` and friends are ignored).
     * ``LOCAL_FILES_DOCUMENT_ROOT``: directories (separated by ``os.pathsep``)
       from which local paths and ``/data/local-files/?d=`` files may be read
       directly; unset = no local file access.
 
-    When ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` are unset, the
-    ``hostname`` / ``access_token`` of Label Studio's ``/setup`` call are used
-    (see :meth:`ImageLoader.update_from_setup`).
+    Without ``LABEL_STUDIO_URL``, the ``hostname`` and ``access_token`` of
+    Label Studio's ``/setup`` call are used as a pair (see
+    :meth:`ImageLoader.update_from_setup`).
     """
 
     label_studio_url: str | None = None
@@ -146,6 +161,7 @@ class ImageLoaderConfig:
     cache_bytes: int = 256 * 1024 * 1024
     allowed_hosts: tuple[str, ...] = ()
     local_roots: tuple[str, ...] = ()
+    max_downloads: int = 8
     user_agent: str = "ovsam-labelstudio-backend"
 
     @classmethod
@@ -167,7 +183,21 @@ class ImageLoaderConfig:
             cache_bytes=max(cache_bytes, 0),
             allowed_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
             local_roots=tuple(r for r in roots.split(os.pathsep) if r.strip()),
+            max_downloads=_env_number(env, "IMAGE_MAX_DOWNLOADS", cls.max_downloads, int),
         )
+
+    def warnings(self) -> list[str]:
+        """Start-up warnings about how credentials will (not) be used."""
+        out = []
+        if not self.label_studio_url:
+            out.append(
+                "LABEL_STUDIO_URL is not set: the first /setup call decides which Label Studio this backend "
+                "talks to (and sends that call's token to). Set LABEL_STUDIO_URL to fix it."
+            )
+            if self.api_key:
+                out.append("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the key is not used (it is only "
+                           "ever sent to LABEL_STUDIO_URL)")
+        return out
 
 
 class _ByteLRU:
@@ -220,11 +250,10 @@ class _Token:
 
 @dataclass
 class _Source:
-    """Where an image value points: a URL to download or a local file."""
+    """Where an image value points: a URL to download, a local file, or a data: URI."""
 
     kind: str  # "http", "file", "data"
     location: str
-    label_studio: bool = False
     local_fallback: list[Path] = field(default_factory=list)
 
 
@@ -233,11 +262,21 @@ class ImageLoader:
 
     def __init__(self, config: ImageLoaderConfig | None = None, session: requests.Session | None = None) -> None:
         self.config = config or ImageLoaderConfig.from_env()
+        self._env_origin: outbound.Origin | None = None
+        if self.config.label_studio_url:
+            try:
+                self._env_origin = outbound.check_url(self.config.label_studio_url)
+            except OutboundRefused as exc:
+                raise ValueError(f"LABEL_STUDIO_URL={self.config.label_studio_url!r} cannot be used: {exc}") from exc
         self._setup_url: str | None = None
         self._setup_key: str | None = None
-        self._session = session or requests.Session()
+        self._setup_lock = threading.Lock()
+        self._warned_setup_host = False
+        self.policy = outbound.AddressPolicy(self.config.allowed_hosts, label_studio=self._label_studio_origin)
+        self._session = outbound.guard_session(session or requests.Session(), self.policy)
         self._session.headers["User-Agent"] = self.config.user_agent
         self._cache = _ByteLRU(self.config.cache_bytes)
+        self._slots = threading.BoundedSemaphore(self.config.max_downloads)
         self._token: _Token | None = None
         self._token_lock = threading.Lock()
         self._roots = [Path(os.path.realpath(r)) for r in self.config.local_roots]
@@ -254,18 +293,67 @@ class ImageLoader:
 
     @property
     def api_key(self) -> str | None:
-        return self.config.api_key or self._setup_key
+        """The key for :attr:`label_studio_url`: the environment's only with LABEL_STUDIO_URL."""
+        if self.config.label_studio_url:
+            return self.config.api_key or self._setup_key
+        return self._setup_key
+
+    def _label_studio_origin(self) -> outbound.Origin | None:
+        url = self.label_studio_url
+        return outbound.origin_of(url) if url else None
 
     def update_from_setup(self, hostname: str | None, access_token: str | None) -> None:
-        """Use ``/setup``'s hostname/access_token where the environment sets none."""
-        changed = False
-        if hostname and isinstance(hostname, str) and hostname != self._setup_url:
-            self._setup_url, changed = hostname.strip(), True
-        if access_token and isinstance(access_token, str) and access_token != self._setup_key:
-            self._setup_key, changed = access_token.strip(), True
-        if changed and not self.config.api_key:
-            with self._token_lock:
-                self._token = None
+        """Learn Label Studio's address and token from ``/setup``, as a pair.
+
+        With ``LABEL_STUDIO_URL`` set, a ``/setup`` for another origin is ignored
+        (warned once) and its token is used only when ``LABEL_STUDIO_API_KEY`` is
+        unset and the origins match. Without it, the first ``/setup`` hostname is
+        pinned with its token; a later one for the same origin may bring a new
+        token, one for another origin raises :class:`LabelStudioConflict`. A
+        token without a hostname is not used: nothing says where it belongs.
+        """
+        url = hostname.strip().rstrip("/") if isinstance(hostname, str) and hostname.strip() else None
+        token = access_token.strip() if isinstance(access_token, str) and access_token.strip() else None
+        if url is None:
+            return
+        try:
+            origin = outbound.check_url(url)
+        except OutboundRefused as exc:
+            log.warning("ignoring the /setup hostname %r: %s", url[:200], exc)
+            return
+        with self._setup_lock:
+            if self._env_origin is not None:
+                if origin != self._env_origin:
+                    if not self._warned_setup_host:
+                        self._warned_setup_host = True
+                        log.warning("/setup names Label Studio at %s, but LABEL_STUDIO_URL is %s: the /setup hostname "
+                                    "and token are ignored", _origin_text(origin), _origin_text(self._env_origin))
+                    return
+                if token is not None and not self.config.api_key:
+                    self._set_setup_key(token)
+                return
+            if self._setup_url is None:
+                self._setup_url = url
+                log.info("using Label Studio at %s (from the first /setup; set LABEL_STUDIO_URL to fix it)",
+                         _origin_text(origin))
+            elif outbound.origin_of(self._setup_url) != origin:
+                log.warning("refused a /setup for Label Studio at %s: this backend already uses %s",
+                            _origin_text(origin), _origin_text(outbound.origin_of(self._setup_url)))
+                raise LabelStudioConflict(
+                    "this backend already works for another Label Studio (the hostname of the first /setup); "
+                    "set LABEL_STUDIO_URL, or restart the backend, to change it"
+                )
+            if token is not None:
+                self._set_setup_key(token)
+
+    def _set_setup_key(self, token: str) -> None:
+        if token == self._setup_key:
+            return
+        if self._setup_key is not None:
+            log.info("Label Studio access token updated from /setup")
+        self._setup_key = token
+        with self._token_lock:
+            self._token = None
 
     # -- public API ----------------------------------------------------
     def load(self, url: str) -> np.ndarray:
@@ -280,29 +368,56 @@ class ImageLoader:
             raise ImageError(f"task {task.get('id') if isinstance(task, Mapping) else '?'} has no image in data[{value_key!r}]")
         return self.load(url)
 
+    def source_key(self, url: str) -> str:
+        """A cheap identity of what :meth:`load` would return for ``url``; it changes when that changes.
+
+        Local files (also ``/data/local-files`` read from disk): resolved path,
+        inode, size, mtime and ctime. Label Studio-relative values: the absolute
+        URL with the Label Studio origin in use. Other http(s) URLs: the URL
+        itself; a remote object replaced under the same URL is not noticed (that
+        would cost a request per use; Label Studio uploads get new names, and
+        pre-signed URLs change when they are signed again). ``data:`` URIs: a
+        SHA-256 of the URI. Raises :class:`ImageError` like :meth:`load`.
+        """
+        return self._locate(url)[1]
+
     def fetch_bytes(self, url: str) -> bytes:
-        """The raw bytes behind a task image value (cached by resolved location)."""
-        source = self._resolve(url)
+        """The raw bytes behind a task image value (cached by :meth:`source_key`)."""
+        source, key = self._locate(url)
         if source.kind == "data":
             return self._decode_data_uri(source.location)
-        cache_key = source.location
-        if source.kind == "file":
-            cache_key = self._file_cache_key(Path(source.location))
-        else:
-            for path in source.local_fallback:
-                if path.is_file():
-                    source = _Source("file", str(path))
-                    cache_key = self._file_cache_key(path)
-                    break
-        cached = self._cache.get(cache_key)
+        cached = self._cache.get(key)
         if cached is not None:
             return cached
         if source.kind == "file":
             data = self._read_file(Path(source.location))
         else:
-            data = self._download(source.location, source.label_studio)
-        self._cache.put(cache_key, data)
+            data = self._download(source.location)
+        self._cache.put(key, data)
         return data
+
+    def label_studio_get(
+        self, path: str, params: Mapping[str, str] | None = None, timeout: float | tuple[float, float] | None = None
+    ) -> requests.Response:
+        """GET ``path`` of Label Studio's API with our credentials; the caller closes the response.
+
+        Redirects are not followed. Raises :class:`ImageError` when Label
+        Studio's address is unknown or it cannot be reached.
+        """
+        base = self.label_studio_url
+        if base is None:
+            raise ImageError("LABEL_STUDIO_URL is not set")
+        url = base + path + (f"?{urlencode(params)}" if params else "")
+        retried = False
+        while True:
+            resp = self._send("GET", url, timeout=timeout)
+            if resp.status_code == 401 and self._uses_pat() and not retried:
+                resp.close()
+                retried = True
+                with self._token_lock:
+                    self._token = None
+                continue
+            return resp
 
     def decode(self, data: bytes, source: str = "image") -> np.ndarray:
         """Decode bytes to RGB uint8, checking the pixel count before decoding."""
@@ -334,17 +449,21 @@ class ImageLoader:
 
     # -- resolution ----------------------------------------------------
     def _is_label_studio(self, url: str) -> bool:
-        base = self.label_studio_url
-        return base is not None and _origin(url) is not None and _origin(url) == _origin(base)
+        origin = self._label_studio_origin()
+        return origin is not None and outbound.origin_of(url) == origin
 
-    def _host_allowed(self, url: str) -> bool:
-        if not self.config.allowed_hosts or self._is_label_studio(url):
-            return True
-        origin = _origin(url)
-        if origin is None:
-            return False
-        _, host, port = origin
-        return host in self.config.allowed_hosts or f"{host}:{port}" in self.config.allowed_hosts
+    def _locate(self, url: str) -> tuple[_Source, str]:
+        """Where ``url`` is read from, and its :meth:`source_key`."""
+        source = self._resolve(url)
+        if source.kind == "data":
+            return source, "data:sha256:" + hashlib.sha256(source.location.encode("utf-8", "surrogatepass")).hexdigest()
+        for path in source.local_fallback:
+            if path.is_file():
+                source = _Source("file", str(path))
+                break
+        if source.kind == "file":
+            return source, self._file_cache_key(Path(source.location))
+        return source, source.location
 
     def _resolve(self, url: str) -> _Source:
         if not isinstance(url, str) or not url.strip():
@@ -354,13 +473,8 @@ class ImageLoader:
         if lower.startswith("data:"):
             return _Source("data", url)
         if lower.startswith(("http://", "https://")):
-            if _origin(url) is None:
-                raise ImageError(f"malformed image URL {url!r}")
-            if not self._host_allowed(url):
-                raise ImageError(
-                    f"host of {_redact(url)} is not allowed (ALLOWED_IMAGE_HOSTS={','.join(self.config.allowed_hosts)})"
-                )
-            return _Source("http", url, label_studio=self._is_label_studio(url))
+            self._check_syntax(url)
+            return _Source("http", url)
         scheme = urlsplit(url).scheme
         if len(scheme) > 1:  # "c:" would be a Windows drive, anything longer a scheme
             raise ImageError(
@@ -376,8 +490,17 @@ class ImageLoader:
                 raise ImageError(
                     f"{url!r} is relative to Label Studio but LABEL_STUDIO_URL is not set"
                 )
-            return _Source("http", base + url, label_studio=True, local_fallback=fallback)
+            absolute = base + url.replace(" ", "%20")  # file names with spaces; the host is ours
+            self._check_syntax(absolute)
+            return _Source("http", absolute, local_fallback=fallback)
         return _Source("file", str(self._local_path(url)))
+
+    @staticmethod
+    def _check_syntax(url: str) -> None:
+        try:
+            outbound.check_url(url)
+        except OutboundRefused as exc:
+            raise ImageError(f"image URL {_redact(url)!r} is refused: {exc}") from exc
 
     def _local_files_candidates(self, url: str) -> list[Path]:
         """Files under the roots that ``/data/local-files/?d=<path>`` may mean."""
@@ -411,7 +534,7 @@ class ImageLoader:
             st = path.stat()
         except OSError as exc:
             raise ImageError(f"local file {str(path)!r} cannot be read: {exc.strerror}") from exc
-        return f"file://{path}?{st.st_mtime_ns}:{st.st_size}"
+        return f"file://{path}?{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
     def _read_file(self, path: Path) -> bytes:
         try:
@@ -440,26 +563,50 @@ class ImageLoader:
     def _too_big(self, what: str, size: int) -> str:
         return f"{what}: {size} bytes is more than the limit of {self.config.max_bytes} bytes (IMAGE_MAX_BYTES)"
 
-    def _download(self, url: str, label_studio: bool) -> bytes:
-        """GET with our auth only on Label Studio's host, following redirects by hand."""
+    # -- downloading ---------------------------------------------------
+    def _download(self, url: str) -> bytes:
+        """One download under one deadline (IMAGE_TIMEOUT_S) and one of IMAGE_MAX_DOWNLOADS slots."""
+        with outbound.deadline(self.config.timeout_s) as limit:
+            if not self._slots.acquire(timeout=limit.remaining()):
+                raise ImageError(
+                    f"{_redact(url)}: timed out after {self.config.timeout_s:g} s waiting for one of "
+                    f"{self.config.max_downloads} download slots (IMAGE_MAX_DOWNLOADS)"
+                )
+            try:
+                data = self._follow(url, limit)
+            except ImageError as exc:
+                if limit.expired:
+                    raise ImageError(self._timed_out(url)) from exc
+                raise
+            finally:
+                self._slots.release()
+            if limit.expired:  # the body may have been cut short by the deadline
+                raise ImageError(self._timed_out(url))
+            return data
+
+    def _timed_out(self, url: str) -> str:
+        return f"{_redact(url)}: timed out after {self.config.timeout_s:g} s (IMAGE_TIMEOUT_S, whole download)"
+
+    def _follow(self, url: str, limit: outbound.Deadline) -> bytes:
+        """GET, following redirects by hand: every hop is checked, credentials only on Label Studio's origin."""
         retried_auth = False
         hops = 0
-        trusted = label_studio  # a redirect issued by Label Studio is trusted
+        previous: str | None = None
         while True:
-            headers = self._auth_header(force_refresh=False) if label_studio else {}
-            resp = self._get(url, headers)
+            if limit.remaining() <= 0:
+                raise ImageError(self._timed_out(url))
+            resp = self._send("GET", url, redirected_from=previous)
             try:
+                label_studio = self._is_label_studio(url)
                 if resp.is_redirect:
                     if hops >= _MAX_REDIRECTS:
                         raise ImageError(f"{_redact(url)}: too many redirects")
                     target = urljoin(url, resp.headers.get("Location", ""))
-                    if _origin(target) is None:
-                        raise ImageError(f"{_redact(url)} redirects to an unsupported URL")
-                    if not trusted and not self._host_allowed(target):
-                        raise ImageError(f"{_redact(url)} redirects to a host that is not allowed")
-                    url, hops = target, hops + 1
-                    label_studio = self._is_label_studio(target)
-                    trusted = label_studio
+                    try:
+                        outbound.check_url(target)
+                    except OutboundRefused as exc:
+                        raise ImageError(f"{_redact(url)} redirects to a host that is not allowed: {exc}") from exc
+                    previous, url, hops = url, target, hops + 1
                     continue
                 if resp.status_code == 401 and label_studio and not retried_auth and self._uses_pat():
                     retried_auth = True
@@ -472,16 +619,50 @@ class ImageLoader:
             finally:
                 resp.close()
 
-    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
-        timeout = (min(self.config.timeout_s, 10.0), self.config.timeout_s)
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        credentials: bool = True,
+        redirected_from: str | None = None,
+        timeout: float | tuple[float, float] | None = None,
+    ) -> requests.Response:
+        """One request through the guarded session; our credentials only if it goes to Label Studio's origin."""
         try:
-            return self._session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
+            origin = outbound.check_url(url)
+            prepared = self._session.prepare_request(requests.Request(method, url, json=json_body))
+            if outbound.origin_of(prepared.url or "") != origin:  # what is sent must be what was checked
+                raise OutboundRefused("the URL is ambiguous")
+        except OutboundRefused as exc:
+            raise self._refused(url, redirected_from, exc) from exc
+        except (requests.exceptions.RequestException, ValueError) as exc:
+            raise ImageError(f"{_redact(url)}: malformed URL ({_short(exc)})") from exc
+        if credentials and origin == self._label_studio_origin():
+            prepared.headers.update(self._auth_header())
+        if timeout is None:
+            limit = outbound.current_deadline()
+            left = limit.remaining() if limit is not None else self.config.timeout_s
+            timeout = (max(min(left, 10.0), 0.001), max(left, 0.001))
+        adapter = self._session.get_adapter(prepared.url or url)
+        try:
+            # The adapter, not Session.send: the session would read a redirect's whole body.
+            return adapter.send(prepared, stream=True, timeout=timeout)
+        except OutboundRefused as exc:
+            raise self._refused(url, redirected_from, exc) from exc
         except requests.exceptions.Timeout as exc:
-            raise ImageError(f"{_redact(url)}: timed out after {self.config.timeout_s:g} s") from exc
+            raise ImageError(self._timed_out(url)) from exc
         except requests.exceptions.ConnectionError as exc:
             raise ImageError(f"{_redact(url)}: cannot connect to the host ({_short(exc)})") from exc
         except requests.exceptions.RequestException as exc:
             raise ImageError(f"{_redact(url)}: request failed ({_short(exc)})") from exc
+
+    @staticmethod
+    def _refused(url: str, redirected_from: str | None, exc: OutboundRefused) -> ImageError:
+        if redirected_from is not None:
+            return ImageError(f"{_redact(redirected_from)} redirects to a host that is not allowed: {exc}")
+        return ImageError(f"host of {_redact(url)} is not allowed: {exc}")
 
     def _read_body(self, url: str, resp: requests.Response) -> bytes:
         limit = self.config.max_bytes
@@ -535,13 +716,8 @@ class ImageLoader:
             return {"Authorization": f"Bearer {self._token.value}"}
 
     def _refresh_access_token(self, pat: str) -> _Token:
-        base = self.label_studio_url
-        url = f"{base}/api/token/refresh/"
-        timeout = (min(self.config.timeout_s, 10.0), self.config.timeout_s)
-        try:
-            resp = self._session.post(url, json={"refresh": pat}, timeout=timeout, allow_redirects=False)
-        except requests.exceptions.RequestException as exc:
-            raise ImageError(f"cannot reach Label Studio to refresh the access token ({_short(exc)})") from exc
+        url = f"{self.label_studio_url}/api/token/refresh/"
+        resp = self._send("POST", url, json_body={"refresh": pat}, credentials=False)
         with resp:
             if resp.status_code != 200:
                 raise ImageError(
@@ -550,7 +726,7 @@ class ImageLoader:
                 )
             try:
                 access = resp.json().get("access")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, requests.exceptions.RequestException):
                 access = None
         if not isinstance(access, str) or not access:
             raise ImageError("Label Studio's /api/token/refresh/ answer has no access token")
@@ -558,6 +734,13 @@ class ImageLoader:
         expires_at = exp if exp is not None else time.time() + _DEFAULT_TOKEN_LIFETIME_S
         log.debug("refreshed Label Studio access token, expires at %s", expires_at)
         return _Token(access, expires_at)
+
+
+def _origin_text(origin: outbound.Origin | None) -> str:
+    if origin is None:
+        return "?"
+    scheme, host, port = origin
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 # Formats browsers (and so Label Studio) display, plus TIFF/PPM. Restricting

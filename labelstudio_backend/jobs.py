@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -239,26 +240,24 @@ class TrainingRunner:
         job.message = f"promoted and now serving {new.version}"
 
     def export_tasks(self, project_id: str) -> list[Any]:
-        """The project's annotated tasks through Label Studio's export API."""
+        """The project's annotated tasks through Label Studio's export API (the loader's guarded session and auth)."""
         base = self.images.label_studio_url
         if not base:
             raise JobFailed("cannot export annotations: LABEL_STUDIO_URL is not set")
-        url = f"{base}/api/projects/{project_id}/export"
+        path = f"/api/projects/{quote(project_id, safe='')}/export"
+        url = base + path
         params = {"exportType": "JSON", "download_all_tasks": "false"}
         try:
-            headers = _label_studio_auth(self.images)
-            resp = requests.get(url, params=params, headers=headers, timeout=_EXPORT_TIMEOUT_S)
-        except ImageError as exc:  # token refresh failed
+            resp = self.images.label_studio_get(path, params=params, timeout=_EXPORT_TIMEOUT_S)
+        except ImageError as exc:  # unreachable, refused, or the token refresh failed
             raise JobFailed(f"cannot export annotations: {exc}") from exc
-        except requests.RequestException as exc:
-            raise JobFailed(f"cannot export annotations from {url}: {exc}") from exc
         with resp:
             if resp.status_code != 200:
                 hint = " (check LABEL_STUDIO_API_KEY)" if resp.status_code in (401, 403) else ""
                 raise JobFailed(f"cannot export annotations: {url} answered HTTP {resp.status_code}{hint}")
             try:
                 tasks = resp.json()
-            except ValueError as exc:
+            except (ValueError, requests.RequestException) as exc:
                 raise JobFailed(f"cannot export annotations: {url} did not answer JSON") from exc
         if not isinstance(tasks, list):
             raise JobFailed(f"cannot export annotations: expected a list of tasks, got {type(tasks).__name__}")
@@ -278,8 +277,3 @@ def training_options() -> dict[str, Any]:
         raise JobFailed("TRAINING_OPTIONS must be a JSON object")
     return value
 
-
-def _label_studio_auth(images: ImageLoader) -> dict[str, str]:
-    """Label Studio's auth header, from the image loader's token logic (legacy Token or PAT -> Bearer)."""
-    public = getattr(images, "auth_header", None)
-    return public() if callable(public) else images._auth_header()

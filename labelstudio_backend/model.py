@@ -46,7 +46,7 @@ from ovsam.predictor import OVSAMPredictor, image_key
 
 from . import webhooks
 from .config import Settings
-from .images import ImageError, ImageLoader
+from .images import ImageError, ImageLoader, LabelStudioConflict
 from .jobs import JobManager, TrainingRunner
 from .lanes import background_lane
 from .label_config import LabelConfigError, ProjectSchema, parse_label_config
@@ -59,8 +59,9 @@ __all__ = ["OVSAMBackend", "PredictPlan", "RequestError", "project_id_of"]
 
 log = logging.getLogger(__name__)
 
-# Image URLs whose content key is remembered, so a click on an embedded image
-# skips download, decode and hashing.
+# Image identities (ImageLoader.source_key: URL with Label Studio's origin, local
+# file with its size and mtime) whose content key is remembered, so a click on an
+# embedded image skips download, decode and hashing.
 _MAX_REMEMBERED_URLS = 4096
 # Longer URLs (data: URIs carry the whole image) are not remembered: 4096 of them could be gigabytes.
 _MAX_REMEMBERED_URL_CHARS = 4096
@@ -117,6 +118,7 @@ class PredictPlan:
     prompt: InteractivePrompt | None = None
     chosen_label: str | None = None
     url: str | None = None
+    source: str = ""
     features: ImageFeatures | None = None
     image: np.ndarray | None = None
     predictor: OVSAMPredictor | None = None
@@ -166,9 +168,12 @@ class OVSAMBackend:
         The project's text embeddings are only queued here (see :meth:`warm_vocabulary`).
         """
         hostname, token = body.get("hostname"), body.get("access_token")
-        self.images.update_from_setup(
-            hostname if isinstance(hostname, str) else None, token if isinstance(token, str) else None
-        )
+        try:
+            self.images.update_from_setup(
+                hostname if isinstance(hostname, str) else None, token if isinstance(token, str) else None
+            )
+        except LabelStudioConflict as exc:
+            raise RequestError(409, str(exc)) from exc
         out: dict[str, Any] = {"model_version": self.model_version, "status": "ok"}
         xml = body.get("schema")
         if xml is not None:
@@ -239,7 +244,8 @@ class OVSAMBackend:
         plan = PredictPlan(serving, schema, list(tasks), prompt, self._chosen_label(schema, prompt))
         try:
             plan.url = self._image_url(tasks[0], schema)
-            plan.features = self._cached_features(serving, plan.url)
+            plan.source = self.images.source_key(plan.url)  # before any download: see _load_image
+            plan.features = self._cached_features(serving, plan.source)
         except (ImageError, ValueError) as exc:
             raise RequestError(422, f"task {tasks[0].get('id')}: {exc}") from exc
         return plan
@@ -299,7 +305,7 @@ class OVSAMBackend:
                 self.load_image(plan)
             assert plan.image is not None and plan.url is not None
             key = image_key(plan.image)
-            self._remember(plan.url, key)
+            self._remember(plan.source, key)
             try:
                 features = serving.predictor.set_image(plan.image, key=key)
             except ValueError as exc:
@@ -353,9 +359,9 @@ class OVSAMBackend:
                 break
             empty = {"result": [], "score": 0.0, "model_version": serving.version}
             try:
-                image = future.result()
+                source, image = future.result()
                 key = image_key(image)
-                self._remember(self._image_url(task, schema), key)
+                self._remember(source, key)
                 features = serving.predictor.set_image(image, key=key)
             except (ImageError, ValueError) as exc:  # this task's image; the others go on
                 log.warning("task %s: no prediction: %s", task.get("id"), exc)
@@ -423,22 +429,26 @@ class OVSAMBackend:
             raise ImageError(f"task {task.get('id')} has no image in data[{schema.image_value_key!r}]")
         return url
 
-    def _load_image(self, task: Mapping[str, Any], schema: ProjectSchema) -> np.ndarray:
-        return self.images.load(self._image_url(task, schema))
+    def _load_image(self, task: Mapping[str, Any], schema: ProjectSchema) -> tuple[str, np.ndarray]:
+        """The task's image and its identity, taken before loading (a file replaced meanwhile is then a miss)."""
+        url = self._image_url(task, schema)
+        source = self.images.source_key(url)
+        return source, self.images.load(url)
 
-    def _remember(self, url: str, key: str) -> None:
-        if len(url) > _MAX_REMEMBERED_URL_CHARS:  # a data: URI carries its whole image: not worth a key
+    def _remember(self, source: str, key: str) -> None:
+        """Remember that the image identified by ``source`` (``ImageLoader.source_key``) has content ``key``."""
+        if len(source) > _MAX_REMEMBERED_URL_CHARS:
             return
         with self._url_lock:
-            self._url_keys[url] = key
-            self._url_keys.move_to_end(url)
+            self._url_keys[source] = key
+            self._url_keys.move_to_end(source)
             while len(self._url_keys) > _MAX_REMEMBERED_URLS:
                 self._url_keys.popitem(last=False)
 
-    def _cached_features(self, serving: ServingModel, url: str) -> ImageFeatures | None:
-        """The embedding of the image behind ``url`` if this URL was embedded before and is still cached."""
+    def _cached_features(self, serving: ServingModel, source: str) -> ImageFeatures | None:
+        """The embedding of the image ``source`` names, if it was embedded before and is still cached."""
         with self._url_lock:
-            key = self._url_keys.get(url)
+            key = self._url_keys.get(source)
         return serving.predictor.cache.get(key) if key is not None else None
 
     # -- fit -----------------------------------------------------------------

@@ -291,6 +291,8 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
         runtime = ModelRuntime(settings, ModelRegistry(settings.model_dir))
         await asyncio.get_running_loop().run_in_executor(executor, runtime.start)
         images = ImageLoader(image_config or ImageLoaderConfig.from_env())
+        for warning in images.config.warnings():
+            log.warning("%s", warning)
         app.state.backend = OVSAMBackend(settings, runtime, images, JobManager(), metrics)
         log.info("ready: serving model %s", app.state.backend.model_version)
         try:

@@ -212,6 +212,9 @@ def other_url(servers):
 
 
 def loader(ls_url=None, key=None, **kw) -> ImageLoader:
+    # The "bucket" servers of these tests are on loopback, which the outbound
+    # policy refuses unless listed (see test_security_outbound.py for that).
+    kw.setdefault("allowed_hosts", ("127.0.0.1",))
     return ImageLoader(ImageLoaderConfig(label_studio_url=ls_url, api_key=key, **kw))
 
 
@@ -382,11 +385,21 @@ def test_no_auth_header_to_other_hosts(ls_url, other_url):
     assert STATE.auth["/public/img.png"] == [None]
 
 
-def test_redirect_from_label_studio_to_bucket_drops_auth_and_is_trusted(ls_url, other_url):
-    ld = loader(ls_url, LEGACY_KEY, allowed_hosts=("example.org",))
+def test_redirect_from_label_studio_to_bucket_drops_auth(ls_url, other_url):
+    port = urlsplit(other_url).port
+    ld = loader(ls_url, LEGACY_KEY, allowed_hosts=("example.org", f"127.0.0.1:{port}"))
     assert ld.load("/data/upload/1/redirect-out.png").shape == (12, 16, 3)
     assert STATE.auth["/data/upload/1/redirect-out.png"] == [f"Token {LEGACY_KEY}"]
     assert STATE.auth["/public/img.png"] == [None]
+
+
+def test_redirect_from_label_studio_is_checked_like_any_other(ls_url, other_url):
+    # Label Studio's redirects get no trust of their own: the bucket must be allowed too.
+    ld = loader(ls_url, LEGACY_KEY, allowed_hosts=("example.org",))
+    with pytest.raises(ImageError, match="redirects to a host that is not allowed"):
+        ld.load("/data/upload/1/redirect-out.png")
+    assert STATE.auth["/data/upload/1/redirect-out.png"] == [f"Token {LEGACY_KEY}"]
+    assert STATE.hits["/public/img.png?X-Amz-Signature=abc"] == 0
 
 
 def test_redirect_to_label_studio_gets_auth(ls_url):

@@ -73,7 +73,8 @@ BAD_REQUESTS: list[tuple[str, Callable[[Any], tuple[str, dict[str, Any]]], int, 
 @pytest.fixture
 def bad_client(make_client: Any, fake_ls: Any) -> Any:
     fake_ls.files["/data/upload/1/notes.txt"] = (b"these are not pixels", "text/plain")
-    return make_client()
+    # The unreachable image is on loopback: allowed here so that the connection is tried.
+    return make_client(ALLOWED_IMAGE_HOSTS="127.0.0.1")
 
 
 @pytest.mark.parametrize("name,build,status,fragment", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
