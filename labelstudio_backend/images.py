@@ -399,7 +399,19 @@ class ImageLoader:
     def label_studio_get(
         self, path: str, params: Mapping[str, str] | None = None, timeout: float | tuple[float, float] | None = None
     ) -> requests.Response:
-        """GET ``path`` of Label Studio's API with our credentials; the caller closes the response.
+        """GET ``path`` of Label Studio's API with our credentials; the caller closes the response."""
+        return self.label_studio_request("GET", path, params=params, timeout=timeout)
+
+    def label_studio_request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        timeout: float | tuple[float, float] | None = None,
+    ) -> requests.Response:
+        """``method`` on ``path`` of Label Studio's API with our credentials; the caller closes the response.
 
         Redirects are not followed. Raises :class:`ImageError` when Label
         Studio's address is unknown or it cannot be reached.
@@ -410,7 +422,7 @@ class ImageLoader:
         url = base + path + (f"?{urlencode(params)}" if params else "")
         retried = False
         while True:
-            resp = self._send("GET", url, timeout=timeout)
+            resp = self._send(method, url, json_body=json_body, timeout=timeout)
             if resp.status_code == 401 and self._uses_pat() and not retried:
                 resp.close()
                 retried = True

@@ -71,7 +71,8 @@ class Job:
 
     id: str
     project_id: str
-    status: str = "queued"  # queued -> running -> succeeded | failed
+    kind: str = "train"  # "train" (START_TRAINING) or "predict" (pre-annotations posted to Label Studio)
+    status: str = "queued"  # queued -> running -> succeeded | failed | cancelled
     message: str = ""
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -80,15 +81,22 @@ class Job:
     artifact: str | None = None
     promoted: bool | None = None
     model_version: str | None = None
+    cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def active(self) -> bool:
         return self.status in ("queued", "running")
 
+    @property
+    def cancellable(self) -> bool:
+        """Prediction jobs stop between tasks; a training run is one step the job cannot interrupt."""
+        return self.kind == "predict" and self.active
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "project": self.project_id,
+            "kind": self.kind,
             "status": self.status,
             "message": self.message,
             "created_at": self.created_at,
@@ -109,13 +117,13 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
 
-    def start(self, project_id: str, target: Callable[[Job], None]) -> tuple[Job, bool]:
-        """Start ``target(job)``; if one runs for the project already, return it and False."""
+    def start(self, project_id: str, target: Callable[[Job], None], kind: str = "train") -> tuple[Job, bool]:
+        """Start ``target(job)``; if a job of this kind runs for the project already, return it and False."""
         with self._lock:
             for job in self._jobs.values():
-                if job.project_id == project_id and job.active:
+                if job.project_id == project_id and job.kind == kind and job.active:
                     return job, False
-            job = Job(id=f"train-{project_id}-{next(self._ids)}", project_id=project_id)
+            job = Job(id=f"{kind}-{project_id}-{next(self._ids)}", project_id=project_id, kind=kind)
             self._jobs[job.id] = job
             self._forget_old_locked()
         thread = threading.Thread(target=self._run, args=(job, target), name=job.id, daemon=True)
@@ -126,6 +134,13 @@ class JobManager:
         with self._lock:
             return self._jobs.get(job_id)
 
+    def cancel(self, job_id: str) -> Job | None:
+        """Ask a prediction job to stop after its current task (None: no such job)."""
+        job = self.get(job_id)
+        if job is not None and job.cancellable:
+            job.cancel_requested.set()
+        return job
+
     def list(self) -> list[Job]:
         with self._lock:
             return list(self._jobs.values())
@@ -134,7 +149,8 @@ class JobManager:
         jobs = self.list()
         latest: dict[str, Job] = {}
         for job in jobs:
-            latest[job.project_id] = job
+            if job.kind == "train":
+                latest[job.project_id] = job
         return {
             "running": [j.id for j in jobs if j.active],
             "latest": {project: job.to_json() for project, job in latest.items()},
@@ -157,8 +173,8 @@ class JobManager:
             job.status, job.message = "failed", f"{type(exc).__name__}: {exc}"
             log.error("job %s failed: %s\n%s", job.id, job.message, traceback.format_exc())
         else:
-            job.status = "succeeded"
-            log.info("job %s succeeded: %s", job.id, job.message)
+            job.status = "cancelled" if job.cancel_requested.is_set() else "succeeded"
+            log.info("job %s %s: %s", job.id, job.status, job.message)
         finally:
             job.finished_at = time.time()
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ from ovsam.model import ImageFeatures
 from ovsam.predictor import OVSAMPredictor, image_key
 
 from . import webhooks
+from .bulk import BulkPredictions, post_prediction
 from .config import Settings
 from .images import ImageError, ImageLoader, LabelStudioConflict
 from .jobs import JobManager, TrainingRunner
@@ -149,6 +151,7 @@ class OVSAMBackend:
         self.jobs = jobs
         self.metrics = metrics
         self.training = TrainingRunner(runtime, runtime.registry, images)
+        self.bulk = BulkPredictions(jobs, self.predict_task, lambda task_id, p: post_prediction(images, task_id, p), metrics)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-io")
         self._url_keys: OrderedDict[str, str] = OrderedDict()
         self._url_lock = threading.Lock()
@@ -283,17 +286,22 @@ class OVSAMBackend:
         except (ImageError, ValueError) as exc:
             raise RequestError(422, f"task {plan.tasks[0].get('id')}: {exc}") from exc
 
-    def run(self, plan: PredictPlan, cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
-        """The model work of a planned request; a batch stops early when ``cancelled()`` turns true."""
+    def run(
+        self, plan: PredictPlan, cancelled: Callable[[], bool] | None = None, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """The model work of a planned request.
+
+        A batch stops early when ``cancelled()`` turns true (its client is gone); with a ``deadline``
+        (``time.monotonic()``) it answers what it computed by then and defers the rest (:meth:`_batch`).
+        """
         if plan.predictor is None:
             raise RuntimeError("run() needs the plan's vocabulary (use_vocabulary) first")
         if plan.prompt is not None:
             result = self._interactive(plan)
             self.metrics.count("interactive_predictions")
-            results = [result]
+            results: list[Any] = [result]
         else:
-            with background_lane():
-                results = self._preannotate(plan, cancelled or (lambda: False))
+            results = self._batch(plan, cancelled or (lambda: False), deadline)
         return {"results": results, "model_version": plan.serving.version}
 
     def _interactive(self, plan: PredictPlan) -> dict[str, Any]:
@@ -344,36 +352,81 @@ class OVSAMBackend:
             )
         return prompt.chosen_label
 
-    def _preannotate(self, plan: PredictPlan, cancelled: Callable[[], bool]) -> list[dict[str, Any]]:
-        serving, schema, tasks = plan.serving, plan.schema, plan.tasks
+    def _batch(self, plan: PredictPlan, cancelled: Callable[[], bool], deadline: float | None) -> list[Any]:
+        """Pre-annotation: one answer per task, in order.
+
+        Tasks not computed by ``deadline`` go to the project's background job,
+        which posts their predictions to Label Studio (``bulk.py``); so do none
+        when Label Studio's address and key are unknown. Their answer, and that
+        of tasks a job already holds, is an empty list: Label Studio stores no
+        prediction for it (no empty placeholder that would count as predicted).
+        """
+        project = project_id_of(plan.tasks[0].get("project"))
+        can_defer = deadline is not None and project is not None and bool(self.images.label_studio_url and self.images.api_key)
+        held = self.bulk.queued(project) if project is not None else set()
+        todo = [i for i, task in enumerate(plan.tasks) if task.get("id") is None or task.get("id") not in held]
+        with background_lane():
+            done = self._preannotate(plan, [plan.tasks[i] for i in todo], cancelled, deadline if can_defer else None)
+        answers: list[Any] = [[] for _ in plan.tasks]
+        for i, result in zip(todo, done):
+            answers[i] = result
+        rest = [plan.tasks[i] for i in todo[len(done):]]
+        if rest and not cancelled() and project is not None:
+            job = self.bulk.defer(project, plan.schema, rest)
+            log.info("batch of %d tasks: %d answered now, %d handed to job %s", len(plan.tasks), len(done), len(rest), job.id)
+            self.metrics.count("tasks_deferred", len(rest))
+        return answers
+
+    def _preannotate(
+        self,
+        plan: PredictPlan,
+        tasks: Sequence[Mapping[str, Any]],
+        cancelled: Callable[[], bool],
+        deadline: float | None,
+    ) -> list[dict[str, Any]]:
+        """Answers for the first tasks, up to the end, ``cancelled()`` or ``deadline``."""
+        serving, schema = plan.serving, plan.schema
         assert plan.predictor is not None
         generator = self._generator(plan.predictor)
         results: list[dict[str, Any]] = []
         loads = _prefetch(tasks, lambda t: self._load_image(t, schema), self._io, _PREFETCH)
         for done, (task, future) in enumerate(zip(tasks, loads)):
-            if cancelled():  # Label Studio gave up on this request: nobody will receive the rest
-                log.warning("batch of %d tasks abandoned by its client after %d; stopping", len(tasks), done)
-                self.metrics.count("batches_abandoned")
+            # past the deadline, at least one task is still answered: every request makes progress
+            stop = cancelled() or (deadline is not None and done > 0 and time.monotonic() >= deadline)
+            if stop:
+                if cancelled():  # Label Studio gave up on this request: nobody will receive the rest
+                    log.warning("batch of %d tasks abandoned by its client after %d; stopping", len(tasks), done)
+                    self.metrics.count("batches_abandoned")
                 future.cancel()
                 loads.close()
                 break
-            empty = {"result": [], "score": 0.0, "model_version": serving.version}
             try:
                 source, image = future.result()
-                key = image_key(image)
-                self._remember(source, key)
-                features = serving.predictor.set_image(image, key=key)
+                results.append(self._predict_image(serving, schema, generator, source, image))
             except (ImageError, ValueError) as exc:  # this task's image; the others go on
                 log.warning("task %s: no prediction: %s", task.get("id"), exc)
                 self.metrics.count("tasks_failed")
                 self.metrics.record_error(f"no prediction: {exc}", task=task.get("id"), project=task.get("project"))
-                results.append(empty)
-                continue
-            instances = generator.generate(features) if generator is not None else []
-            regions, scores = self._regions(schema, instances)
-            results.append({"result": regions, "score": min(scores) if scores else 0.0, "model_version": serving.version})
-            self.metrics.count("tasks_predicted")
+                results.append({"result": [], "score": 0.0, "model_version": serving.version})
         return results
+
+    def predict_task(self, task: Mapping[str, Any], schema: ProjectSchema) -> dict[str, Any]:
+        """One task's pre-annotation with the model served now (background jobs; raises on failure)."""
+        serving = self.runtime.current
+        predictor = serving.predictor_for(schema.labels, schema.synonyms)
+        source, image = self._load_image(task, schema)
+        return self._predict_image(serving, schema, self._generator(predictor), source, image)
+
+    def _predict_image(
+        self, serving: ServingModel, schema: ProjectSchema, generator: Any, source: str, image: np.ndarray
+    ) -> dict[str, Any]:
+        key = image_key(image)
+        self._remember(source, key)
+        features = serving.predictor.set_image(image, key=key)  # also makes the annotator's first click fast
+        instances = generator.generate(features) if generator is not None else []
+        regions, scores = self._regions(schema, instances)
+        self.metrics.count("tasks_predicted")
+        return {"result": regions, "score": min(scores) if scores else 0.0, "model_version": serving.version}
 
     def _regions(self, schema: ProjectSchema, instances: Sequence[Any]) -> tuple[list[dict[str, Any]], list[float]]:
         regions: list[dict[str, Any]] = []

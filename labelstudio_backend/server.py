@@ -252,9 +252,17 @@ async def _await_vocabulary(be: OVSAMBackend, plan: PredictPlan, wait_s: float) 
 
 
 async def _run_batch(
-    request: Request, loop: asyncio.AbstractEventLoop, pool: ThreadPoolExecutor, be: OVSAMBackend, plan: PredictPlan
+    request: Request,
+    loop: asyncio.AbstractEventLoop,
+    pool: ThreadPoolExecutor,
+    be: OVSAMBackend,
+    plan: PredictPlan,
+    deadline: float | None,
 ) -> bytes:
-    """Pre-annotation on the batch lane; it stops between tasks once Label Studio has disconnected."""
+    """Pre-annotation on the batch lane; it stops between tasks once Label Studio has disconnected.
+
+    What is not computed by ``deadline`` (counted from the request's arrival) is posted later by a job.
+    """
     gone = threading.Event()
 
     async def watch() -> None:
@@ -266,7 +274,7 @@ async def _run_batch(
 
     watcher = asyncio.ensure_future(watch())
     try:
-        return await loop.run_in_executor(pool, lambda: _json_bytes(be.run(plan, gone.is_set)))
+        return await loop.run_in_executor(pool, lambda: _json_bytes(be.run(plan, gone.is_set, deadline)))
     finally:
         watcher.cancel()
 
@@ -363,6 +371,8 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
+        budget = settings.predict_batch_budget_s
+        deadline = time.monotonic() + budget if budget > 0 else None  # counted from the request's arrival
         tasks, label_config, context = _predict_input(await _read_json(request))
         be = backend(request)
         loop = asyncio.get_running_loop()
@@ -373,7 +383,7 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
                 await loop.run_in_executor(downloads, be.load_image, plan)
             content = await loop.run_in_executor(executor, lambda: _json_bytes(be.run(plan)))
         else:
-            content = await _run_batch(request, loop, batches, be, plan)
+            content = await _run_batch(request, loop, batches, be, plan, deadline)
         return Response(content, media_type="application/json")
 
     @app.post("/webhook")
@@ -413,6 +423,19 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
         found = backend(request).jobs.get(job_id)
         if found is None:
             raise RequestError(404, f"no job {job_id!r}")
+        return public(found.to_json())
+
+    @app.post("/jobs/{job_id}/cancel")
+    async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+        """Stop a prediction job after its current task (training runs cannot be interrupted)."""
+        jobs = backend(request).jobs
+        found = jobs.get(job_id)
+        if found is None:
+            raise RequestError(404, f"no job {job_id!r}")
+        if not found.cancellable:
+            why = "it has ended" if not found.active else "a training run cannot be interrupted"
+            raise RequestError(409, f"job {job_id!r} cannot be cancelled: {why}")
+        jobs.cancel(job_id)
         return public(found.to_json())
 
     @app.get("/metrics")

@@ -51,7 +51,7 @@ def png_bytes(width: int = 160, height: int = 120, shape: str = "disk", seed: in
 
 
 class FakeLabelStudio:
-    """A threaded HTTP server standing in for Label Studio's file and export endpoints."""
+    """A threaded HTTP server standing in for Label Studio's file, export and prediction endpoints."""
 
     def __init__(self) -> None:
         self.files: dict[str, tuple[bytes, str]] = {
@@ -60,6 +60,7 @@ class FakeLabelStudio:
         }
         self.export_tasks: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str | None]] = []
+        self.predictions: list[dict[str, Any]] = []  # bodies of POST /api/predictions/ it stored
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,6 +75,20 @@ class FakeLabelStudio:
                 if path in fake.files:
                     body, content_type = fake.files[path]
                     return self._send(200, body, content_type)
+                return self._send(404, b"not found", "text/plain")
+
+            def do_POST(self) -> None:  # noqa: N802
+                auth = self.headers.get("Authorization")
+                fake.requests.append((self.path, auth))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if auth != f"Token {API_KEY}":
+                    return self._send(401, b'{"detail": "Authentication credentials were not provided."}', "application/json")
+                if self.path == "/api/predictions/":
+                    prediction = json.loads(body)
+                    if not isinstance(prediction.get("task"), int) or not isinstance(prediction.get("result"), list):
+                        return self._send(400, b'{"task": ["required"]}', "application/json")
+                    fake.predictions.append(prediction)
+                    return self._send(201, json.dumps({"id": len(fake.predictions), **prediction}).encode(), "application/json")
                 return self._send(404, b"not found", "text/plain")
 
             def _send(self, status: int, body: bytes, content_type: str) -> None:
