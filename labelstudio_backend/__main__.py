@@ -1,5 +1,8 @@
 """``python -m labelstudio_backend [--host 127.0.0.1] [--port 9090]``: start the ML backend with uvicorn.
 
+``python -m labelstudio_backend preannotate --project ID`` pre-annotates a whole
+project instead (``preannotate.py``).
+
 Everything else is configured through environment variables (see ``config.py``).
 One process serves all requests: the model lives once in (GPU) memory and
 model work is serialised per device inside it, so uvicorn runs one worker.
@@ -22,9 +25,15 @@ DEFAULT_HOST = "127.0.0.1"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "preannotate":
+        from .preannotate import main as preannotate
+
+        return preannotate(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m labelstudio_backend",
-        description="Open-Vocabulary SAM ML backend for Label Studio (configured by environment variables).",
+        description="Open-Vocabulary SAM ML backend for Label Studio (configured by environment variables). "
+        "`python -m labelstudio_backend preannotate --help`: pre-annotate a whole project from the command line.",
     )
     parser.add_argument(
         "--host",

@@ -410,6 +410,27 @@ class OVSAMBackend:
                 results.append({"result": [], "score": 0.0, "model_version": serving.version})
         return results
 
+    def iter_predictions(
+        self, tasks: Sequence[Mapping[str, Any]], schema: ProjectSchema, prefetch: int = 4
+    ) -> Iterator[tuple[Mapping[str, Any], dict[str, Any] | Exception]]:
+        """Each task's pre-annotation (or why it failed) with the model served now, in task order.
+
+        Images of the next ``prefetch`` tasks download and decode while the model works (bulk command).
+        """
+        serving = self.runtime.current
+        generator = self._generator(serving.predictor_for(schema.labels, schema.synonyms))
+        loads = _prefetch(tasks, lambda t: self._load_image(t, schema), self._io, prefetch)
+        try:
+            for task, future in zip(tasks, loads):
+                try:
+                    source, image = future.result()
+                    yield task, self._predict_image(serving, schema, generator, source, image)
+                except (ImageError, ValueError) as exc:
+                    self.metrics.count("tasks_failed")
+                    yield task, exc
+        finally:
+            loads.close()
+
     def predict_task(self, task: Mapping[str, Any], schema: ProjectSchema) -> dict[str, Any]:
         """One task's pre-annotation with the model served now (background jobs; raises on failure)."""
         serving = self.runtime.current

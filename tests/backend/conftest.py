@@ -61,6 +61,9 @@ class FakeLabelStudio:
         self.export_tasks: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str | None]] = []
         self.predictions: list[dict[str, Any]] = []  # bodies of POST /api/predictions/ it stored
+        self.tasks: list[dict[str, Any]] = []  # the project's tasks for /api/tasks/ (predictions kept in them)
+        self.label_config: str | None = None  # the project's label config for /api/projects/<id>/
+        self.before_post: Callable[[dict[str, Any]], None] | None = None  # runs before a prediction is stored
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,6 +75,11 @@ class FakeLabelStudio:
                 path = self.path.split("?", 1)[0]
                 if path.startswith("/api/projects/") and path.endswith("/export"):
                     return self._send(200, json.dumps(fake.export_tasks).encode(), "application/json")
+                if path.startswith("/api/projects/") and fake.label_config is not None:
+                    return self._send(200, json.dumps({"id": 1, "label_config": fake.label_config}).encode(),
+                                      "application/json")
+                if path == "/api/tasks/":
+                    return self._task_page()
                 if path in fake.files:
                     body, content_type = fake.files[path]
                     return self._send(200, body, content_type)
@@ -87,9 +95,26 @@ class FakeLabelStudio:
                     prediction = json.loads(body)
                     if not isinstance(prediction.get("task"), int) or not isinstance(prediction.get("result"), list):
                         return self._send(400, b'{"task": ["required"]}', "application/json")
+                    if fake.before_post is not None:
+                        fake.before_post(prediction)
                     fake.predictions.append(prediction)
+                    for task in fake.tasks:
+                        if task["id"] == prediction["task"]:
+                            task.setdefault("predictions", []).append(prediction)
                     return self._send(201, json.dumps({"id": len(fake.predictions), **prediction}).encode(), "application/json")
                 return self._send(404, b"not found", "text/plain")
+
+            def _task_page(self) -> None:
+                """Label Studio's paged task list: ``{"tasks": [...], "total": N}``, 404 past the last page."""
+                from urllib.parse import parse_qs, urlsplit
+
+                query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+                page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
+                chunk = fake.tasks[(page - 1) * size: page * size]
+                if page > 1 and not chunk:
+                    return self._send(404, b'{"detail": "Invalid page."}', "application/json")
+                body = {"tasks": chunk, "total": len(fake.tasks)}
+                return self._send(200, json.dumps(body).encode(), "application/json")
 
             def _send(self, status: int, body: bytes, content_type: str) -> None:
                 self.send_response(status)
