@@ -216,6 +216,81 @@ def test_retrieve_predictions(ls_api, project, backend, model_choice):
          f"model_version {version!r}, {total} brush regions, labels {sorted(labels_seen)}; " + "; ".join(lines))
 
 
+BULK_TASKS = 150
+BULK_WAIT_S = 600.0  # generous: about 0.3 s a task on 2 CPU cores with the demo model
+
+
+def test_retrieve_predictions_on_a_large_dataset(ls_api, backend, model_choice, tmp_path_factory):
+    """Retrieve Predictions once on 150 tasks: no error in Label Studio, every task ends with one valid prediction.
+
+    The backend answers what it computes within PREDICT_BATCH_BUDGET_S (set low for the e2e backend) and posts the
+    rest through Label Studio's API from a background job; no task may hold an empty placeholder or two regions of
+    one object (mask IoU >= 0.8).
+    """
+    import json
+    import subprocess
+    import sys
+
+    from label_studio_sdk.converter.brush import decode_rle as _decode
+
+    root = tmp_path_factory.mktemp("bulk")
+    proc = subprocess.run(
+        [sys.executable, "-m", "training", "synth", "--out", str(root / "ds"), "--num-images", str(BULK_TASKS),
+         "--size", "160x120", "--seed", "4242", "--min-objects", "2", "--max-objects", "4", "--no-progress"],
+        cwd=h.REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    truth = json.loads((root / "ds" / "tasks.json").read_text())
+    paths = sorted((root / "ds" / "images").glob("*.png"))
+    assert len(paths) == BULK_TASKS
+    labels = model_choice.labels
+    created = ls_api.create_project("OVSAM e2e bulk", project_config(labels))
+    pid = created["id"]
+    imported = ls_api.import_files(pid, paths)
+    assert imported["task_count"] == BULK_TASKS, f"import: {imported}"
+    r = ls_api.connect_backend(pid, backend.url, title="OVSAM e2e bulk")
+    assert r.status_code == 201, r.text[:1500]
+    t0 = time.monotonic()
+    answer = ls_api.retrieve_predictions(pid)
+    answer_s = time.monotonic() - t0
+    assert "errors" not in answer and "Retrieved" in str(answer.get("detail", "")), answer
+    version = backend_version(backend)
+    tasks = ls_api.tasks(pid)
+    assert len(tasks) == BULK_TASKS
+    deadline = time.monotonic() + BULK_WAIT_S
+    while True:
+        counts = [len(ls_api.predictions(t["id"])) for t in tasks]
+        if all(c >= 1 for c in counts) or time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
+    done_s = time.monotonic() - t0
+    missing = [t["id"] for t, c in zip(tasks, counts) if c == 0]
+    assert not missing, f"{len(missing)} tasks without a prediction after {BULK_WAIT_S:.0f} s; jobs {_jobs(backend)}"
+    jobs = [j for j in _jobs(backend) if j.get("kind") == "predict" and j["project"] == str(pid)]
+    regions = duplicates = 0
+    for task in tasks:
+        stored = ls_api.predictions(task["id"])
+        assert len(stored) == 1, f"task {task['id']}: {len(stored)} predictions: {h.dump(stored, 2000)}"
+        pred = stored[0]
+        assert pred["model_version"] == version
+        masks = []
+        for region in pred["result"]:
+            assert region["type"] == "brushlabels" and region["value"]["brushlabels"][0] in labels
+            w, h_ = region["original_width"], region["original_height"]
+            masks.append(_decode(region["value"]["rle"]).reshape(h_, w, 4)[..., 3] > 0)
+        regions += len(masks)
+        for i in range(len(masks)):
+            for j in range(i + 1, len(masks)):
+                duplicates += iou(masks[i], masks[j]) >= 0.8
+    if model_choice.trained:
+        assert regions > 0
+        assert duplicates == 0, f"{duplicates} pairs of regions with mask IoU >= 0.8 in one task"
+    note(f"bulk retrieve: {BULK_TASKS} tasks, Label Studio answered {answer} in {answer_s:.1f} s; every task had one "
+         f"prediction of {version!r} after {done_s:.1f} s ({len(jobs)} background job(s): "
+         f"{[(j['status'], j['progress'].get('done'), j['progress'].get('total')) for j in jobs]}); "
+         f"{regions} regions, {duplicates} duplicate pairs; {len(truth)} ground-truth tasks")
+
+
 def _interactive(ls_api, project, task_id, result, what):
     t0 = time.monotonic()
     answer = ls_api.interactive(project["ml"]["id"], task_id, result)
