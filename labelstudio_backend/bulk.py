@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 _POST_TIMEOUT_S = (10.0, 60.0)
 
-PredictTask = Callable[[Mapping[str, Any], ProjectSchema], dict[str, Any]]
+# backend.iter_predictions: each task's prediction (or the exception why not), images loading ahead of the model.
+PredictMany = Callable[[Sequence[Mapping[str, Any]], ProjectSchema], Iterator[tuple[Mapping[str, Any], Any]]]
+# Tasks taken from the queue at a time (their images download while the model works on the previous ones).
+_CHUNK = 8
 
 
 class PostError(RuntimeError):
@@ -79,12 +82,12 @@ class BulkPredictions:
     def __init__(
         self,
         jobs: JobManager,
-        predict_task: PredictTask,
+        predict_many: PredictMany,
         post: Callable[[Any, Mapping[str, Any]], None],
         metrics: Metrics,
     ) -> None:
         self.jobs = jobs
-        self.predict_task = predict_task
+        self.predict_many = predict_many
         self.post = post
         self.metrics = metrics
         self._queues: dict[str, _Queue] = {}
@@ -131,18 +134,31 @@ class BulkPredictions:
                         if self._queues.get(project_id) is queue:
                             del self._queues[project_id]  # later deferrals start a new job
                         break
-                    task, schema = queue.pending.popleft()
-                try:
-                    self.post(task.get("id"), self.predict_task(task, schema))
-                    done += 1
-                except Exception as exc:  # one task's failure is recorded; the others go on
-                    failed += 1
-                    log.warning("job %s: task %s: %s", job.id, task.get("id"), exc)
-                    self.metrics.record_error(f"background prediction: {exc}", task=task.get("id"), project=project_id)
-                finally:
+                    schema = queue.pending[0][1]
+                    chunk = []
+                    while queue.pending and len(chunk) < _CHUNK and queue.pending[0][1] is schema:
+                        chunk.append(queue.pending.popleft()[0])
+                outcomes = self.predict_many(chunk, schema)
+                for task, outcome in outcomes:
+                    try:
+                        if isinstance(outcome, Exception):
+                            raise outcome
+                        self.post(task.get("id"), outcome)
+                        done += 1
+                    except Exception as exc:  # one task's failure is recorded; the others go on
+                        failed += 1
+                        log.warning("job %s: task %s: %s", job.id, task.get("id"), exc)
+                        self.metrics.record_error(f"background prediction: {exc}", task=task.get("id"),
+                                                  project=project_id)
                     with self._lock:
                         queue.ids.discard(task.get("id"))
                     _report(job, done, failed, queue.total, started)
+                    if job.cancel_requested.is_set():
+                        break
+                getattr(outcomes, "close", lambda: None)()  # stops image loads nobody will use
+                with self._lock:  # the chunk's tasks a cancel left: back in the queue, counted as dropped
+                    for task in reversed([t for t in chunk if t.get("id") in queue.ids]):
+                        queue.pending.appendleft((task, schema))
         job.message = f"posted {done} predictions to Label Studio, {failed} failed"
         if dropped:
             job.message += f"; cancelled with {dropped} tasks left"

@@ -151,7 +151,8 @@ class OVSAMBackend:
         self.jobs = jobs
         self.metrics = metrics
         self.training = TrainingRunner(runtime, runtime.registry, images)
-        self.bulk = BulkPredictions(jobs, self.predict_task, lambda task_id, p: post_prediction(images, task_id, p), metrics)
+        self.bulk = BulkPredictions(jobs, self.iter_predictions, lambda task_id, p: post_prediction(images, task_id, p),
+                                    metrics)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-io")
         self._url_keys: OrderedDict[str, str] = OrderedDict()
         self._url_lock = threading.Lock()
@@ -430,13 +431,6 @@ class OVSAMBackend:
                     yield task, exc
         finally:
             loads.close()
-
-    def predict_task(self, task: Mapping[str, Any], schema: ProjectSchema) -> dict[str, Any]:
-        """One task's pre-annotation with the model served now (background jobs; raises on failure)."""
-        serving = self.runtime.current
-        predictor = serving.predictor_for(schema.labels, schema.synonyms)
-        source, image = self._load_image(task, schema)
-        return self._predict_image(serving, schema, self._generator(predictor), source, image)
 
     def _predict_image(
         self, serving: ServingModel, schema: ProjectSchema, generator: Any, source: str, image: np.ndarray
