@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from ovsam.centre import rescale_mask
 from ovsam.predictor import OVSAMPredictor, Prompt
 from ovsam.transforms import ImageFrame
 from ovsam.vocabulary import Vocabulary
@@ -31,10 +32,10 @@ PROMPT_MODES = ("box", "center")
 
 
 def center_prompt(mask: np.ndarray, frame: ImageFrame) -> np.ndarray:
-    """The centre point of a GT mask in original pixels, computed on the mask resized to the model's
-    frame (nearest), as the reference does; tiny masks that vanish when resized use the original."""
-    h, w = frame.resized_size
-    small = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) if (h, w) != mask.shape else mask
+    """The centre point of a GT mask in original pixels, computed as the reference does on the mask rescaled
+    to the model's frame (mmcv's size rule, nearest: its pixels are input pixels). A tiny mask that vanishes
+    when rescaled uses its own centre (the reference would click the corner (0, 0) for it)."""
+    small = rescale_mask(mask, frame.resized_size)
     if small.any():
         cx, cy = center_point(small)
         sx, sy = frame.scale_xy
