@@ -21,6 +21,8 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
 ``OVSAM_CHECKPOINT``        base model: an artifact file or official weights (file or dir).
                             Served unless ``MODEL_DIR/current`` names a promoted version.
 ``DEVICE``                  ``cuda``, ``cuda:1``, ``cpu`` (default: ``cuda`` if available).
+``PRECISION``               ``bf16`` (default: bfloat16 autocast on CUDA, faster) or ``fp32``
+                            (the reference's numerics); the CPU always computes in fp32.
 ``BASIC_AUTH_USER``/``_PASS``  HTTP basic auth on every endpoint (both or neither).
 ``LOG_LEVEL``               ``DEBUG``/``INFO``/``WARNING``/... (default ``INFO``).
 ``TRAINING_OPTIONS``        JSON object of fine-tuning overrides for START_TRAINING jobs,
@@ -114,6 +116,13 @@ def _number(env: Mapping[str, str], name: str, default: float, *, low: float, hi
     return value
 
 
+def _precision(env: Mapping[str, str]) -> str:
+    value = (_get(env, "PRECISION") or "bf16").lower()
+    if value not in ("bf16", "fp32"):
+        raise SettingsError(f"PRECISION={value!r} is not bf16 or fp32")
+    return value
+
+
 def _default_device() -> str:
     import torch  # deferred: settings are read before anything heavy is needed
 
@@ -147,6 +156,7 @@ class Settings:
     max_request_mb: float = 64.0
     request_body_timeout_s: float = 30.0
     label_config_cache_mb: float = 16.0
+    precision: str = "bf16"
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -200,4 +210,5 @@ class Settings:
             max_request_mb=_number(env, "MAX_REQUEST_MB", 64.0, low=0.001),
             request_body_timeout_s=_number(env, "REQUEST_BODY_TIMEOUT_S", 30.0, low=0.1, high=3600.0),
             label_config_cache_mb=_number(env, "LABEL_CONFIG_CACHE_MB", 16.0, low=0.0),
+            precision=_precision(env),
         )

@@ -334,6 +334,7 @@ class ModelRuntime:
             )
         except (RuntimeError, ValueError, AssertionError) as exc:  # e.g. DEVICE=cuda without CUDA
             raise ModelLoadError(f"cannot place the model on device {self.settings.device!r}: {exc}") from exc
+        serving.predictor.use_autocast &= self.settings.precision == "bf16"  # PRECISION=fp32: no autocast
         log.info(
             "loaded model %s (%s, %s) on %s in %.2f s",
             serving.version, source.kind, serving.path or "built in memory", serving.device,

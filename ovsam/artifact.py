@@ -68,6 +68,8 @@ def save_artifact(
                 tensors[f"text.{k}"] = v
     tensors["vocab.embeddings"] = vocabulary.embeddings.float()
     tensors["vocab.is_base"] = vocabulary.is_base.to(torch.uint8)
+    if vocabulary.excluded.any():
+        tensors["vocab.excluded"] = vocabulary.excluded.to(torch.uint8)
     _check_finite(tensors)
     out = {}
     for k, v in tensors.items():
@@ -124,6 +126,7 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
                 text_state[key[5:]] = f.get_tensor(key).float()
         embeddings = f.get_tensor("vocab.embeddings").float()
         is_base = f.get_tensor("vocab.is_base").bool()
+        excluded = f.get_tensor("vocab.excluded").bool() if "vocab.excluded" in f.keys() else None
     model = OVSAM(cfg)
     model.load_state_dict(model_state, strict=True)
     model.to(device).eval()
@@ -134,5 +137,5 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
         text_encoder.load_open_clip_state(text_state)
         text_encoder.eval()
     vocab = meta["vocabulary"]
-    vocabulary = Vocabulary(vocab["labels"], vocab["synonyms"], embeddings, is_base)
+    vocabulary = Vocabulary(vocab["labels"], vocab["synonyms"], embeddings, is_base, excluded)
     return ModelArtifact(model, vocabulary, meta["version"], meta["provenance"], meta["metrics"], text_encoder, Path(path))

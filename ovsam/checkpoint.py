@@ -396,8 +396,11 @@ def load_model(
 
     For a directory the vocabulary is `labels` (COCO's 80 by default) embedded by the CLIP text tower; with
     the COCO head, `is_base` marks the 48 base classes it was trained on (all labels count as base for LVIS).
+    COCO's 80 classes are embedded from the reference's synonym texts, and its 15 classes in neither split are
+    excluded (scored -1000 after the fusion) as in the reference's evaluation.
     """
     from .artifact import ModelArtifact, load_artifact
+    from .class_texts import coco_reference_vocabulary
     from .text import TextEncoder
     from .vocabulary import VocabularyBuilder
 
@@ -406,8 +409,9 @@ def load_model(
         return load_artifact(path, device=device)
     if not path.is_dir():
         raise FileNotFoundError(f"no OVSAM checkpoint at {path}: expected an artifact file or a directory of official files")
-    cfg = cfg or get_config("rn50x16")
     files = find_official_files(path, variant)
+    is_coco = files["clip2sam"].name == CLIP2SAM_FILES["coco"]
+    cfg = cfg or get_config("rn50x16" if is_coco else "rn50x16_lvis")
     clip_source: ClipSource = files["clip"] if files["clip"] is not None else (cfg.clip_pretrained or "openai")
     clip_state = open_clip_state(cfg, clip_source)
     model = build_official_model(cfg, files["sam2clip"], files["clip2sam"], files["sam"], clip_state, device)
@@ -415,9 +419,13 @@ def load_model(
     text_encoder.load_open_clip_state(clip_state)
     text_encoder.to(device).eval()
     del clip_state
-    is_coco = files["clip2sam"].name == CLIP2SAM_FILES["coco"]
     base = [l for l in labels if l in COCO_BASE_CLASSES] if is_coco else list(labels)
-    vocabulary = VocabularyBuilder(text_encoder).build(list(labels), base_labels=base)
+    texts = excluded = None
+    if is_coco and list(labels) == list(COCO_CLASSES):  # the paper's COCO vocabulary, as the reference embeds it
+        reference = coco_reference_vocabulary()
+        texts, excluded = reference.texts, list(reference.excluded)
+    vocabulary = VocabularyBuilder(text_encoder).build(list(labels), base_labels=base, texts=texts,
+                                                       excluded_labels=excluded)
     provenance = {
         "source": "official",
         "sam2clip": files["sam2clip"].name,

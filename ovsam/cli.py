@@ -11,6 +11,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 EXIT_ERROR = 2
+# What `predict` runs without --checkpoint or OVSAM_CHECKPOINT: the model the Label Studio backend serves by
+# default (labelstudio_backend.runtime.DEFAULT_MODEL_PATH). Found by path: ovsam never imports the backend.
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
+EXIT_MISMATCH = 1  # verify-reference: a stage differs from the reference beyond tolerance
 MASK_COLOUR = (255, 144, 30)  # RGB
 POSITIVE_COLOUR = (40, 220, 40)
 NEGATIVE_COLOUR = (230, 40, 40)
@@ -69,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="segment and recognise one object from points and/or a box",
                         description="Run OVSAM on one image with point and/or box prompts; write an overlay PNG and JSON.")
     pr.add_argument("--checkpoint", default=os.environ.get("OVSAM_CHECKPOINT"),
-                    help="model artifact file or directory of official files (default: $OVSAM_CHECKPOINT)")
+                    help="model artifact file or directory of official files (default: $OVSAM_CHECKPOINT, else the "
+                         "backend's default demo model, labelstudio_backend/default_model/ovsam_demo.safetensors)")
     pr.add_argument("--image", required=True, help="input image file")
     pr.add_argument("--point", type=parse_point, action="append", default=[], metavar="X,Y[,LABEL]",
                     help="a click in image pixels; LABEL 1 = positive (default), 0 = negative; repeatable")
@@ -79,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="write an overlay PNG here")
     pr.add_argument("--json", dest="json_out", help="write the prediction as JSON here")
     pr.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+
+    vr = sub.add_parser("verify-reference", help="compare this implementation stage by stage with the reference's outputs",
+                        description="Load a golden set computed by the reference OVSAM code (weights in the released "
+                                    "key names, inputs and every stage's outputs) through the official checkpoint "
+                                    "mappers, run each stage on its golden inputs and print each stage's largest "
+                                    "absolute difference. Exit status 1 if any is beyond its tolerance.")
+    vr.add_argument("directory", help="folder holding golden_small.safetensors and golden_small.json "
+                                      "(the repository's: tests/ovsam/fixtures/reference_golden)")
+    vr.add_argument("--all", action="store_true", help="print every compared tensor, not only each stage's worst")
+    vr.add_argument("--json", dest="json_out", help="write every comparison as JSON here")
 
     ini = sub.add_parser("init", help="write a freshly initialised model artifact (a base for training from scratch)",
                          description="Build a model from a configuration preset with random weights (custom text "
@@ -189,7 +204,11 @@ def run_predict(args: argparse.Namespace) -> int:
     from .predictor import OVSAMPredictor
 
     if not args.checkpoint:
-        raise CLIError("no model: pass --checkpoint PATH or set OVSAM_CHECKPOINT")
+        if not DEMO_MODEL.is_file():
+            raise CLIError(f"no model: pass --checkpoint PATH or set OVSAM_CHECKPOINT (the default demo model "
+                           f"{DEMO_MODEL} is missing)")
+        args.checkpoint = str(DEMO_MODEL)
+        print(f"model: {DEMO_MODEL.name} (the backend's default demo model; --checkpoint chooses another)")
     if not args.point and args.box is None:
         raise CLIError("give at least one --point or a --box")
     if args.top_k < 1:
@@ -226,6 +245,36 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_verify_reference(args: argparse.Namespace) -> int:
+    """Compare every stage with a golden set; exit 1 if any comparison is beyond its tolerance."""
+    import torch
+
+    from .reference_check import GoldenSet, compare_all, stage_summary
+
+    torch.manual_seed(0)
+    golden = GoldenSet.load(args.directory)
+    results = compare_all(golden)
+    shown = results if args.all else list(stage_summary(results).values())
+    stage_w = max(len("stage"), *(len(r.stage) for r in shown))
+    name_w = max(len("tensor (worst of the stage)"), *(len(r.name) for r in shown))
+    print(f"reference golden set: {args.directory}")
+    print(f"{'stage':<{stage_w}}  {'tensor' if args.all else 'tensor (worst of the stage)':<{name_w}}  "
+          f"{'max |diff|':>10}  {'tolerance':>10}")
+    for r in shown:
+        flag = "ok" if r.ok else "FAIL"
+        note = f"  ({r.note})" if r.note and not r.ok else ""
+        print(f"{r.stage:<{stage_w}}  {r.name:<{name_w}}  {r.max_abs_diff:10.3g}  {r.tolerance:10.3g}  {flag}{note}")
+    failed = [r for r in results if not r.ok]
+    if args.json_out:
+        records = [{"stage": r.stage, "name": r.name, "max_abs_diff": r.max_abs_diff, "tolerance": r.tolerance,
+                    "ok": r.ok, "note": r.note} for r in results]
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(records, indent=2))
+    print(f"{len(results) - len(failed)} of {len(results)} comparisons within tolerance"
+          + (f"; beyond: {', '.join(f'{r.stage} {r.name}' for r in failed)}" if failed else ""))
+    return EXIT_MISMATCH if failed else 0
+
+
 def run_download(args: argparse.Namespace) -> int:
     from .hub import download_official
 
@@ -234,16 +283,27 @@ def run_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; user errors print one `error:` line and return 2."""
-    from .checkpoint import CheckpointError
+def _user_errors() -> Tuple[type, ...]:
+    """Exceptions printed as one line: ours, plus `CheckpointError` once the (torch-heavy) loader is imported."""
     from .hub import DownloadError
 
+    errors: List[type] = [CLIError, DownloadError, OSError, ValueError]
+    checkpoint = sys.modules.get(f"{__package__}.checkpoint")
+    if checkpoint is not None:
+        errors.append(checkpoint.CheckpointError)
+    return tuple(errors)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; user errors print one `error:` line and return 2. Parsing imports nothing heavy."""
     args = build_parser().parse_args(argv)
+    runners = {"download": run_download, "predict": run_predict, "init": run_init,
+               "verify-reference": run_verify_reference}
     try:
-        runners = {"download": run_download, "predict": run_predict, "init": run_init}
         return runners[args.command](args)
-    except (CLIError, CheckpointError, DownloadError, OSError, ValueError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)
         return EXIT_ERROR

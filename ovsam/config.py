@@ -132,6 +132,10 @@ PRESETS: Dict[str, OVSAMConfig] = {
     "rn50x64": _clip_resnet("RN50x64", (3, 15, 36, 10), 128, 448, 1024),
 }
 
+# The reference's LVIS evaluation config (ovsam_lvis_rn50x16_point.py) pools the head's RoIs at 7x7 (trained at
+# 12x12, spec §1.11 / B4); the COCO config and the CLIP branch keep 12.
+PRESETS["rn50x16_lvis"] = PRESETS["rn50x16"].replace(name="ovsam_rn50x16_lvis", head_roi_size=7)
+
 TINY_TEXT_CFG: Dict[str, Any] = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 
 # A few-MB model for tests: every module of the official one at toy widths.

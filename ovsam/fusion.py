@@ -31,9 +31,13 @@ def fuse_logits(
     mixed = (1 - weight) * log_q + weight * log_c
     score = torch.where(weight == 0, log_q, mixed)
     if excluded is not None:
-        excl = torch.cat([excluded.bool(), excluded.new_zeros(1, dtype=torch.bool)])
-        score = score.masked_fill(excl, EXCLUDED_SCORE)
+        score = score.masked_fill(exclusion_mask(excluded), EXCLUDED_SCORE)
     return score
+
+
+def exclusion_mask(excluded: torch.Tensor) -> torch.Tensor:
+    """[K] excluded classes -> [K+1] mask over the scores (the background entry is never excluded)."""
+    return torch.cat([excluded.bool(), excluded.new_zeros(1, dtype=torch.bool)])
 
 
 def foreground_probabilities(scores: torch.Tensor) -> torch.Tensor:

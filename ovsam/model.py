@@ -13,7 +13,7 @@ from torch import nn
 
 from .backbone import CLIPTrunk
 from .config import OVSAMConfig
-from .fusion import fuse_logits
+from .fusion import EXCLUDED_SCORE, exclusion_mask, fuse_logits
 from .head import CLIP2SAMHead, cosine_logits
 from .neck import SAM2CLIPNeck
 from .roi import boxes_to_rois, mask_occupancy, masks_to_boxes_exclusive
@@ -182,17 +182,25 @@ class OVSAM(nn.Module):
         clip_boxes: Optional[torch.Tensor] = None,
         image_index: Optional[torch.Tensor] = None,
         clip_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        excluded: Optional[torch.Tensor] = None,
     ) -> Recognition:
-        """Classify each mask against the vocabulary; boxes default to the predicted masks' boxes."""
+        """Classify each mask against the vocabulary; boxes default to the predicted masks' boxes.
+
+        excluded: [K] bool, classes scored -1000 after the fusion (the reference's COCO classes in neither split:
+        they stay in the softmax normaliser, unlike dropping them from the vocabulary).
+        """
         rois, weights = self.head_rois(low_res, head_boxes, image_index)
         head_logits = self.head.classify(pyramid, rois, text_embeddings, weights)
         if not self.cfg.use_clip_branch:
-            return Recognition(F.log_softmax(head_logits, dim=-1), head_logits, None, rois)
+            scores = F.log_softmax(head_logits, dim=-1)
+            if excluded is not None:
+                scores = scores.masked_fill(exclusion_mask(excluded), EXCLUDED_SCORE)
+            return Recognition(scores, head_logits, None, rois)
         clip_rois = rois if clip_boxes is None else boxes_to_rois(clip_boxes.float(), rois[:, 0])  # same images
         clip_logits = self.clip_branch_logits(c5, clip_rois, text_embeddings, clip_kv)
         g = c5.shape[-1]
         valid = (F.interpolate(low_res.float(), (g, g), mode="bilinear", align_corners=False) > 0).flatten(1).any(1)
-        scores = fuse_logits(head_logits, clip_logits, is_base, valid, self.cfg.alpha, self.cfg.beta)
+        scores = fuse_logits(head_logits, clip_logits, is_base, valid, self.cfg.alpha, self.cfg.beta, excluded)
         return Recognition(scores, head_logits, clip_logits, rois)
 
     def clip_branch_logits(

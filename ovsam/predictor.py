@@ -214,7 +214,7 @@ class OVSAMPredictor:
             low_res = model.decode(feats.embedding, sparse, dense, high_res=feats.high_res).float()
             rec = model.recognise(
                 feats.pyramid, feats.c5, low_res, vocab.embeddings.to(dev), vocab.is_base.to(dev), clip_boxes=clip_boxes,
-                clip_kv=feats.clip_kv,
+                clip_kv=feats.clip_kv, excluded=vocab.excluded.to(dev) if vocab.excluded.any() else None,
             )
             probs = foreground_probabilities(rec.scores.float())
             stability = calculate_stability_score(low_res[:, 0], 0.0, 1.0)

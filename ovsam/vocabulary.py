@@ -51,6 +51,9 @@ class Vocabulary:
     synonyms: List[List[str]]
     embeddings: torch.Tensor  # [K, P, D] unit-norm
     is_base: torch.Tensor = field(default=None)  # type: ignore[assignment]  # [K] bool
+    # [K] bool: classes kept in the softmax but scored -1000 after the fusion, so never predicted (the
+    # reference's COCO classes in neither the base nor the novel split).
+    excluded: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if len(self.labels) == 0:
@@ -64,6 +67,12 @@ class Vocabulary:
             raise ValueError("vocabulary embeddings must be unit-norm")
         if self.is_base is None:
             self.is_base = torch.ones(len(self.labels), dtype=torch.bool)
+        if self.excluded is None:
+            self.excluded = torch.zeros(len(self.labels), dtype=torch.bool)
+        if self.excluded.shape != (len(self.labels),):
+            raise ValueError("one excluded flag per label is required")
+        if bool(self.excluded.all()):
+            raise ValueError("every label of the vocabulary is excluded")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,18 +83,24 @@ class Vocabulary:
     def with_base(self, base_labels: Sequence[str]) -> "Vocabulary":
         base = set(base_labels)
         mask = torch.tensor([l in base for l in self.labels], dtype=torch.bool)
-        return Vocabulary(list(self.labels), [list(s) for s in self.synonyms], self.embeddings, mask)
+        return Vocabulary(list(self.labels), [list(s) for s in self.synonyms], self.embeddings, mask, self.excluded.clone())
+
+    def with_excluded(self, excluded_labels: Sequence[str]) -> "Vocabulary":
+        excluded = set(excluded_labels)
+        mask = torch.tensor([l in excluded for l in self.labels], dtype=torch.bool)
+        return Vocabulary(list(self.labels), [list(s) for s in self.synonyms], self.embeddings, self.is_base.clone(), mask)
 
     def with_embeddings(self, embeddings: torch.Tensor) -> "Vocabulary":
         """The same labels with other rows (e.g. fitted to a project's objects); shape must match."""
         if embeddings.shape != self.embeddings.shape:
             raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match the vocabulary's {tuple(self.embeddings.shape)}")
         return Vocabulary(list(self.labels), [list(s) for s in self.synonyms], embeddings.to(self.embeddings.dtype),
-                          self.is_base.clone())
+                          self.is_base.clone(), self.excluded.clone())
 
     def subset(self, labels: Sequence[str]) -> "Vocabulary":
         idx = [self.index(l) for l in labels]
-        return Vocabulary(list(labels), [self.synonyms[i] for i in idx], self.embeddings[idx], self.is_base[idx])
+        return Vocabulary(list(labels), [self.synonyms[i] for i in idx], self.embeddings[idx], self.is_base[idx],
+                          self.excluded[idx])
 
 
 def normalise_synonyms(labels: Sequence[str], synonyms: Optional[Dict[str, Sequence[str]]] = None) -> List[List[str]]:
@@ -148,12 +163,20 @@ class VocabularyBuilder:
         base_labels: Optional[Sequence[str]] = None,
         templates: Sequence[str] = VILD_TEMPLATES,
         before_batch: Optional[Callable[[int, int], None]] = None,
+        texts: Optional[Dict[str, Sequence[str]]] = None,
+        excluded_labels: Optional[Sequence[str]] = None,
     ) -> Vocabulary:
         """The label set's vocabulary (embeddings from memory, the disk cache, or the text tower).
 
-        ``before_batch(done, total)`` is passed to :meth:`TextEncoder.encode` when the text tower runs.
+        ``texts`` gives a label's exact texts, one prototype each, instead of its name plus ``synonyms`` (the
+        reference's class texts, `ovsam.class_texts`). ``before_batch(done, total)`` is passed to
+        :meth:`TextEncoder.encode` when the text tower runs.
         """
         groups = normalise_synonyms(labels, synonyms)
+        if texts is not None:
+            groups = [list(texts[l]) if l in texts else g for l, g in zip(labels, groups)]
+            if any(not g for g in groups):
+                raise ValueError("every label needs at least one text")
         key = self.cache_key(groups, templates)
         with self._lock:
             emb = self._memory.get(key)
@@ -164,7 +187,8 @@ class VocabularyBuilder:
                 self._save(key, emb)
             self._memory[key] = emb
         vocab = Vocabulary(list(labels), groups, emb)
-        return vocab.with_base(base_labels) if base_labels is not None else vocab
+        vocab = vocab.with_base(base_labels) if base_labels is not None else vocab
+        return vocab.with_excluded(excluded_labels) if excluded_labels else vocab
 
     def _path(self, key: str) -> Path:
         return self.cache_dir / f"{key}.pt"

@@ -166,6 +166,7 @@ def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
         base=str(base_path), data=str(train_file), val_fraction=0.05, out=str(work / "run"),
         version="ovsam-demo-1", train_all=True, augment=False, batch_size=args.batch_size, epochs=args.epochs,
         max_steps=args.steps, lr=args.lr, warmup_steps=200, max_norm=1.0,
+        weight_decay_groups="extended",  # what the shipped demo model was trained with (keeps the recipe reproducing it)
         eval_prompts=("center", "box"), seed=args.seed, device=args.device, resume=True, head_mask_pooling=True,
         checkpoint_interval=500, progress=progress, command=" ".join(["python -m training demo-model", *(argv or sys.argv[1:])]),
     )

@@ -9,6 +9,7 @@ GT mask) cannot be scored and are counted as skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import cv2
 import numpy as np
 import torch
 
+from ovsam.centre import rescale_mask
 from ovsam.predictor import OVSAMPredictor, Prompt
 from ovsam.transforms import ImageFrame
 from ovsam.vocabulary import Vocabulary
@@ -31,10 +33,10 @@ PROMPT_MODES = ("box", "center")
 
 
 def center_prompt(mask: np.ndarray, frame: ImageFrame) -> np.ndarray:
-    """The centre point of a GT mask in original pixels, computed on the mask resized to the model's
-    frame (nearest), as the reference does; tiny masks that vanish when resized use the original."""
-    h, w = frame.resized_size
-    small = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) if (h, w) != mask.shape else mask
+    """The centre point of a GT mask in original pixels, computed as the reference does on the mask rescaled
+    to the model's frame (mmcv's size rule, nearest: its pixels are input pixels). A tiny mask that vanishes
+    when rescaled uses its own centre (the reference would click the corner (0, 0) for it)."""
+    small = rescale_mask(mask, frame.resized_size)
     if small.any():
         cx, cy = center_point(small)
         sx, sy = frame.scale_xy
@@ -138,13 +140,19 @@ def evaluate_predictor(
     return EvaluationResult(metrics, ious, examples)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 def evaluate_model(model, vocabulary: Vocabulary, samples: Sequence[Sample], images: Any,
-                   device: str | torch.device | None = None, **kwargs: Any) -> EvaluationResult:
+                   device: str | torch.device | None = None, precision: str = "fp32", **kwargs: Any) -> EvaluationResult:
     """`evaluate_predictor` with a fresh predictor that caches nothing (each image is seen once).
 
+    precision: fp32 (the reference's, the default) or bf16 (autocast on CUDA, as the backend serves by default).
     The model is left in eval mode on `device`; callers that keep training switch it back.
     """
-    predictor = OVSAMPredictor(model, vocabulary, cache_bytes=0, device=device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    predictor = OVSAMPredictor(model, vocabulary, cache_bytes=0, device=device, use_autocast=precision == "bf16")
     return evaluate_predictor(predictor, samples, images, **kwargs)
 
 
@@ -302,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--clip-roi-boxes", choices=("pred_mask_box", "prompt_box", "faithful"),
                    help="override the model's CLIP-branch RoI rule (faithful = the reference's bug B1)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 as the reference evaluates (default), or bf16 autocast on CUDA as the backend serves")
+    p.add_argument("--reference-vocabulary", choices=("coco", "lvis"),
+                   help="classify as the paper's evaluation: coco = the reference's 80 class texts, 48 base / 17 novel, "
+                        "the other 15 classes fused then excluded, only the 65 classes' instances scored; lvis = the "
+                        "data's categories cleaned by the reference's rule, common+frequent base, rare novel, head RoIs "
+                        "7x7 (the reference's LVIS config)")
+    p.add_argument("--head-roi-size", type=int, help="override the head's RoIAlign size (default: the model's; 7 with "
+                                                    "--reference-vocabulary lvis)")
     p.add_argument("--max-images", type=int)
     p.add_argument("--examples", type=int, default=8, help="images in the overlay figure")
     p.add_argument("--device")
@@ -309,6 +326,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def reference_vocabulary(artifact, kind: str, data_path: str, samples: Sequence[Sample],
+                         cache_dir: Optional[Path] = None) -> Tuple[Vocabulary, List[str], List[Sample]]:
+    """(vocabulary, novel labels, samples) of the reference's COCO or LVIS evaluation.
+
+    COCO: the 80 classes with the reference's texts; instances of the 15 excluded classes are not scored (the
+    reference's 48/17 test split keeps only the 65 classes' instances), yet the 15 stay in the classifier.
+    LVIS: the file's categories, texts by `split_label`, rare classes novel.
+    """
+    from ovsam.class_texts import coco_reference_vocabulary, lvis_reference_vocabulary
+    from ovsam.vocabulary import VocabularyBuilder
+    from training.data.coco import read_categories
+
+    ref = coco_reference_vocabulary() if kind == "coco" else lvis_reference_vocabulary(read_categories(data_path))
+    builder = VocabularyBuilder(artifact.get_text_encoder(), cache_dir)
+    vocab = builder.build(list(ref.labels), texts=ref.texts, base_labels=ref.base, excluded_labels=ref.excluded)
+    scored = set(ref.base) | set(ref.novel)
+    unknown = sorted({i.label for s in samples for i in s.instances} - set(ref.labels))
+    if unknown:
+        raise ValueError(f"labels outside the {kind} vocabulary: {unknown[:5]}")
+    kept = []
+    for s in samples:
+        instances = [i for i in s.instances if i.label in scored]
+        if instances:
+            kept.append(dataclasses.replace(s, instances=instances))
+    return vocab, list(ref.novel), kept
 
 
 def main_evaluate(argv: Optional[Sequence[str]] = None) -> int:
@@ -329,14 +373,25 @@ def main_evaluate(argv: Optional[Sequence[str]] = None) -> int:
     artifact = load_model_any(args.model, device="cpu")
     if args.clip_roi_boxes:
         artifact.model.cfg = artifact.model.cfg.replace(clip_roi_boxes=args.clip_roi_boxes)
-    base = split_labels(args.base_labels)
-    vocab = project_vocabulary(artifact, data.labels, data.synonyms, base_labels=base, cache_dir=args.cache_dir)
-    novel = [l for l in data.labels if l not in set(base)] if base is not None else None
+    if args.reference_vocabulary:
+        vocab, novel, samples = reference_vocabulary(artifact, args.reference_vocabulary, args.data, samples,
+                                                     args.cache_dir)
+    else:
+        base = split_labels(args.base_labels)
+        vocab = project_vocabulary(artifact, data.labels, data.synonyms, base_labels=base, cache_dir=args.cache_dir)
+        novel = [l for l in data.labels if l not in set(base)] if base is not None else None
+    roi_size = args.head_roi_size or (7 if args.reference_vocabulary == "lvis" else None)
+    if roi_size:
+        artifact.model.cfg = artifact.model.cfg.replace(head_roi_size=roi_size)
+        artifact.model.head.roi_size = roi_size
     modes = PROMPT_MODES if args.prompt == "both" else (args.prompt,)
     result = evaluate_model(artifact.model, vocab, samples, make_image_source(data.image_root), device=device,
-                            modes=modes, novel_labels=novel, max_examples=args.examples, progress=not args.no_progress)
+                            precision=args.precision, modes=modes, novel_labels=novel, max_examples=args.examples,
+                            progress=not args.no_progress)
     result.metrics.update({"model": str(args.model), "model_version": artifact.version, "data": str(args.data),
-                           "data_hash": data.data_hash, "split": args.split})
+                           "data_hash": data.data_hash, "split": args.split, "precision": args.precision,
+                           "reference_vocabulary": args.reference_vocabulary,
+                           "head_roi_size": artifact.model.cfg.head_roi_size})
     write_report(result, args.out, title=f"Evaluation of {artifact.version}")
     summary = {m: {"miou": result.metrics[m]["miou"], "accuracy": result.metrics[m]["accuracy"]} for m in modes}
     print(json.dumps({"score": result.metrics["score"], **summary, "out": str(args.out)}))

@@ -39,7 +39,7 @@ from training.distributed import (DistInfo, RunLogger, ShardedSampler, all_reduc
 from training.data.prompts import center_point
 from training.metrics import mask_iou
 from training.label_fit import SERVED_MIN_IOU, LabelFit, fit_label_embeddings, unique_instances
-from training.optim import (build_adamw, default_warmup, load_training_state, param_groups, rng_states,
+from training.optim import (NO_DECAY_RULES, build_adamw, default_warmup, load_training_state, param_groups, rng_states,
                             save_training_state, seed_everything, set_rng_states, warmup_multistep)
 
 ProgressFn = Callable[[Dict[str, Any]], None]
@@ -67,6 +67,7 @@ class FinetuneConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.05
+    weight_decay_groups: str = "reference"  # exempt only norm layers (the reference); "extended": also biases, tokens
     warmup_steps: Optional[int] = None  # default min(500, 10% of the run)
     milestones: Tuple[float, ...] = (8 / 12, 11 / 12)  # fractions of the run
     gamma: float = 0.1
@@ -407,6 +408,9 @@ class _Run:
             check_frozen(model)
         if not cfg.train_mask_decoder:
             model.head.mask_decoder.requires_grad_(False)
+            # The label token is one of the decoder's queries: it shapes the masks only (bug B3), so it stays too.
+            # (With the reference's weight-decay groups it would otherwise shrink under AdamW's decay.)
+            model.head.label_token.requires_grad_(False)
         if not cfg.train_fpn:
             model.head.fpn.requires_grad_(False)
         self.vocab = project_vocabulary(self.base, data.labels, data.synonyms,
@@ -431,7 +435,9 @@ class _Run:
         self.label_fit: Optional[LabelFit] = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.trained_modules = ("trunk", "neck", "head") if cfg.train_all else ("head",)
-        self.optimizer = build_adamw(param_groups(model, cfg.weight_decay), cfg.lr)
+        if cfg.weight_decay_groups not in NO_DECAY_RULES:
+            raise ValueError(f"weight_decay_groups must be one of {sorted(NO_DECAY_RULES)}, got {cfg.weight_decay_groups!r}")
+        self.optimizer = build_adamw(param_groups(model, cfg.weight_decay, NO_DECAY_RULES[cfg.weight_decay_groups]), cfg.lr)
         warmup = default_warmup(self.total_steps, cfg.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_multistep(self.total_steps, warmup, cfg.milestones, cfg.gamma))
@@ -739,6 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--weight-decay-groups", choices=("reference", "extended"), default=d.weight_decay_groups,
+                   help="reference (default): only norm layers skip weight decay, as the reference; extended: also "
+                        "biases, tokens, 1-D parameters and LayerNorm2d")
     p.add_argument("--warmup-steps", type=int, help="default: min(500, 10%% of the run)")
     p.add_argument("--milestones", help="LR x gamma at these fractions of the run (default 8/12,11/12)")
     p.add_argument("--gamma", type=float, default=d.gamma)
@@ -791,7 +800,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneC
         artifact=args.artifact, version=args.version, val_data=args.val_data, val_fraction=args.val_fraction,
         split_seed=args.split_seed, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum,
-        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        lr=args.lr, weight_decay=args.weight_decay, weight_decay_groups=args.weight_decay_groups,
+        warmup_steps=args.warmup_steps,
         milestones=floats(args.milestones) if args.milestones is not None else d.milestones,
         gamma=args.gamma, max_norm=args.max_norm or None, num_points=args.num_points,
         num_proposals=args.num_proposals, num_box_prompts=args.num_box_prompts, augment=not args.no_augment,

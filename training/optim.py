@@ -25,15 +25,33 @@ def no_decay_norm_bias_embedding(module: nn.Module, name: str, param: nn.Paramet
     return isinstance(module, (*NORM_TYPES, nn.Embedding)) or name.endswith("bias") or param.ndim <= 1
 
 
+def no_decay_reference_norms(module: nn.Module, name: str, param: nn.Parameter) -> bool:
+    """The reference's rule (mmengine `norm_decay_mult=0`, spec §2.2): parameters of LayerNorm, BatchNorm,
+    GroupNorm and InstanceNorm modules get no weight decay; biases, tokens, other 1-D parameters and SAM's
+    LayerNorm2d (not an nn.LayerNorm) keep it."""
+    return isinstance(module, REFERENCE_NORM_TYPES)
+
+
+REFERENCE_NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
 def no_decay_layernorm(module: nn.Module, name: str, param: nn.Parameter) -> bool:
     """SAM2CLIP rule (spec §2.1): only nn.LayerNorm is exempt; SAM's LayerNorm2d keeps its decay."""
     return isinstance(module, nn.LayerNorm)
 
 
+# `FinetuneConfig.weight_decay_groups`: the reference's exemptions (default) or ours, which also spare biases,
+# tokens, every 1-D parameter and LayerNorm2d.
+NO_DECAY_RULES: Dict[str, Callable[[nn.Module, str, nn.Parameter], bool]] = {
+    "reference": no_decay_reference_norms,
+    "extended": no_decay_norm_bias_embedding,
+}
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float,
-    no_decay: Callable[[nn.Module, str, nn.Parameter], bool] = no_decay_norm_bias_embedding,
+    no_decay: Callable[[nn.Module, str, nn.Parameter], bool] = no_decay_reference_norms,
 ) -> List[Dict[str, Any]]:
     """Trainable parameters split into a decayed and a non-decayed group (frozen ones are left out)."""
     decay, plain, seen = [], [], set()

@@ -161,3 +161,11 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 def test_format_constant():
     assert ARTIFACT_FORMAT.startswith("ovsam-artifact/")
+
+
+def test_excluded_labels_survive_the_round_trip(parts, tmp_path):
+    model, text, vocab = parts
+    excluded = vocab.with_excluded([vocab.labels[0]])
+    art = load_artifact(save_artifact(tmp_path / "x.safetensors", model, excluded, "x", text_encoder=text))
+    assert art.vocabulary.excluded.tolist() == [True] + [False] * (len(vocab) - 1)
+    assert not load_artifact(save_artifact(tmp_path / "y.safetensors", model, vocab, "y")).vocabulary.excluded.any()

@@ -290,13 +290,28 @@ def test_load_model_official_directory(official_dir):
     assert torch.equal(art.model.trunk.visual.conv1.weight, clip["visual.conv1.weight"])
     norms = art.vocabulary.embeddings.norm(dim=-1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
+    # The reference's texts (173, one prototype each, padded to 17) and its 15 excluded classes.
+    vocab = art.vocabulary
+    assert vocab.synonyms[vocab.index("remote")] == ["tv remote", "remote control"]
+    assert vocab.synonyms[vocab.index("orange")] == ["orange fruit"]
+    assert sum(len(s) for s in vocab.synonyms) == 173 and vocab.embeddings.shape[1] == 17
+    excluded = [l for l, e in zip(vocab.labels, vocab.excluded.tolist()) if e]
+    assert len(excluded) == 15 and not set(excluded) & (set(ck.COCO_BASE_CLASSES) | set(ck.COCO_NOVEL_CLASSES))
 
 
 def test_load_model_lvis_head_marks_all_labels_base(official_dir):
     (official_dir / "clip2sam_coco_rn50x16.pth").rename(official_dir / "clip2sam_lvis_rn50x16.pth")
     art = ck.load_model(official_dir, cfg=TINY, labels=["cat", "dog"])
     assert art.vocabulary.labels == ["cat", "dog"] and bool(art.vocabulary.is_base.all())
-    assert art.version.endswith("-lvis")
+    assert art.version.endswith("-lvis") and not art.vocabulary.excluded.any()
+    assert art.vocabulary.synonyms == [["cat"], ["dog"]]  # other label sets: their names
+
+
+def test_lvis_preset_pools_head_rois_at_7_like_the_reference_lvis_config():
+    lvis, coco = get_config("rn50x16_lvis"), get_config("rn50x16")
+    assert lvis.head_roi_size == 7 and coco.head_roi_size == 12
+    assert lvis.replace(head_roi_size=12, name=coco.name) == coco  # nothing else differs
+    assert lvis.clip_roi_size == 12  # the CLIP branch keeps the attention pool's grid
 
 
 def test_load_model_finds_other_clip_file_names(official_dir):

@@ -248,3 +248,18 @@ def test_current_image_is_per_thread():
     thread.start()
     thread.join()
     assert pred.current_features is mine and other["f"] is not mine
+
+
+def test_excluded_labels_stay_in_the_softmax_but_are_never_predicted(loaded):
+    """The reference's 15 COCO classes in neither split: fused, then -1000 (not dropped from the vocabulary)."""
+    prompts = [Prompt(points=np.array([[x, y]], np.float32)) for x in (10, 40, 70) for y in (5, 20, 33)]
+    plain = loaded.predict_batch(prompts, top_k=6)
+    top = {p.label for p in plain}
+    loaded.set_vocabulary(loaded.vocabulary.with_excluded(sorted(top)))
+    excluded = loaded.predict_batch(prompts, top_k=6)
+    assert not {p.label for p in excluded} & top
+    assert all(s.probability == 0.0 for p in excluded for s in p.top_k if s.label in top)
+    # The remaining labels keep their order: excluding changes nothing else in the fused scores.
+    for a, b in zip(plain, excluded):
+        kept = [s.label for s in a.top_k if s.label not in top]
+        assert [s.label for s in b.top_k if s.label not in top] == kept

@@ -46,12 +46,26 @@ def test_level_rule_boundaries(side, level):
     assert map_roi_levels(_square_rois([side]), 4, 56.0).tolist() == [level]
 
 
-def test_level_rule_epsilon_absorbs_float_rounding():
-    # In float32, 128.4 - 16.4 is a hair below 112: mmdet's +1e-6 inside the log2 still gives level 1.
-    rois = torch.tensor([[0, 16.4, 0, 128.4, 112.0]], dtype=torch.float32)
-    s = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    assert s.item() < 112.0
-    assert map_roi_levels(rois, 4, 56.0).tolist() == [1]
+def test_level_rule_epsilon_sits_inside_the_log_and_is_1e_6_wide():
+    # mmdet: floor(log2(s / 56 + 1e-6)). The epsilon lifts scales a hair below 112 (s/56 in [2 - 1e-6, 2)) to
+    # level 1 and no others. Checked in float64, where every step of the rule is exact to ~1e-16 on any CPU,
+    # with margins of >= 2e-7 around the edges, so no machine's rounding can move a result. 2 - 1.2e-6 tells
+    # it from an epsilon added after the log2 (which absorbs down to 2 - 1.39e-6), 2 - 3e-6 from
+    # torchvision's LevelMapper (epsilon on s/224: absorbs down to 2 - 4e-6).
+    def square(side: float) -> torch.Tensor:
+        return torch.tensor([[0.0, 3.0, 5.0, 3.0 + side, 5.0 + side]], dtype=torch.float64)
+
+    for ratio, level in [(2 - 0.2e-6, 1), (2 - 0.8e-6, 1), (2 - 1.2e-6, 0), (2 - 3e-6, 0), (4 - 0.5e-6, 2), (4 - 2.5e-6, 1)]:
+        assert map_roi_levels(square(56.0 * ratio), 4, 56.0).tolist() == [level], ratio
+
+
+def test_level_rule_float32_boundary_box_gets_level_1_on_any_cpu():
+    # Sides 112 and 112 - 1 ulp (float32 values, so exactly what the model gets): the true scale is
+    # 112 - 3.8e-6, within the epsilon. Whether a CPU's float32 sqrt/log2 rounds it to 112 or just below,
+    # the rule must say level 1 (without the epsilon, the rounded-below case would say 0).
+    below = float(np.nextafter(np.float32(112.0), np.float32(0.0)))
+    rois = torch.tensor([[0, 16.0, 0.0, 128.0, below], [0, 0.0, 0.0, below, below]], dtype=torch.float32)
+    assert map_roi_levels(rois, 4, 56.0).tolist() == [1, 1]
 
 
 def test_level_rule_uses_geometric_mean_of_sides():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from pycocotools import mask as mask_utils
 
-from training.data.coco import load_coco
+from training.data.coco import load_coco, read_categories
 
 H, W = 20, 30
 
@@ -110,3 +111,24 @@ def test_load_coco_label_filter_and_crowd(tmp_path):
     assert [[i.label for i in s.instances] for s in samples] == [["cat", "cat"]]
     np.testing.assert_array_equal(samples[0].instances[1].mask, crowd)
     assert report.as_dict() == {"unknown label": 3, "no annotation": 2}
+
+
+def test_load_lvis_v1_images_without_file_name(tmp_path):
+    """LVIS v1 image entries have `coco_url` and no `file_name`: the path is the URL's, under the image root."""
+    data = {
+        "images": [{"id": 397133, "coco_url": "http://images.cocodataset.org/val2017/000000397133.jpg",
+                    "width": W, "height": H, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+        "categories": [{"id": 1, "name": "aerosol_can", "frequency": "c", "synonyms": ["aerosol_can"]}],
+        "annotations": [{"id": 1, "image_id": 397133, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16,
+                         "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]]}],  # LVIS has no iscrowd
+    }
+    path = tmp_path / "lvis_v1_val.json"
+    path.write_text(json.dumps(data))
+    samples, report = load_coco(path, tmp_path / "coco")
+    assert [s.image_ref for s in samples] == [str(tmp_path / "coco" / "val2017" / "000000397133.jpg")]
+    assert samples[0].instances[0].label == "aerosol_can" and report.as_dict() == {}
+    assert read_categories(path)[0]["frequency"] == "c"
+    del data["images"][0]["coco_url"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="neither file_name nor coco_url"):
+        load_coco(path, tmp_path)

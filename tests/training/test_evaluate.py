@@ -123,3 +123,54 @@ def test_cli_writes_metrics_report_and_plots(tmp_path):
     assert 0.0 <= m["box"]["miou"] <= 1.0 and m["model_version"] == "ovsam_tiny-test"
     for name in ("report.md", "per_class_accuracy.png", "iou_histogram.png", "examples.png"):
         assert (out / name).stat().st_size > 0
+
+
+def _renamed_coco(data: dict, tmp_path: Path, names: dict, frequency: dict | None = None) -> Path:
+    coco = json.loads(Path(data["coco"]).read_text())
+    for c in coco["categories"]:
+        c["name"] = names[c["name"]]
+        if frequency is not None:
+            c["frequency"] = frequency[c["name"]]
+    path = Path(data["root"]) / "renamed.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_cli_reference_coco_vocabulary_scores_the_65_classes_and_keeps_the_15_in_the_classifier(tmp_path):
+    from ovsam.class_texts import coco_reference_vocabulary
+
+    art = make_tiny_artifact(tmp_path / "tiny.safetensors")
+    data = make_synth(tmp_path / "synth", num_images=3)
+    names = {"circle": "person", "square": "cat", "triangle": "teddy bear", "star": "dog", "ring": "car",
+             "cross": "hair drier"}  # base, novel, excluded, novel, base, excluded
+    path = _renamed_coco(data, tmp_path, names)
+    coco = json.loads(path.read_text())
+    excluded_ids = {c["id"] for c in coco["categories"] if c["name"] in ("teddy bear", "hair drier")}
+    scored = sum(1 for a in coco["annotations"] if a["category_id"] not in excluded_ids)
+    out = tmp_path / "eval"
+    assert main_evaluate(["--model", str(art), "--data", str(path), "--prompt", "box",
+                          "--reference-vocabulary", "coco", "--out", str(out), "--no-progress",
+                          "--cache-dir", str(tmp_path / "vocab-cache")]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["box"]["count"] == scored > 0 and scored < len(coco["annotations"])
+    assert not {"teddy bear", "hair drier"} & set(m["box"]["per_class"])
+    assert sorted(m["novel_labels"]) == sorted(coco_reference_vocabulary().novel)
+    assert (m["precision"], m["reference_vocabulary"], m["head_roi_size"]) == ("fp32", "coco", 4)  # tiny's own size
+
+
+def test_cli_reference_lvis_vocabulary_rare_novel_and_roi_7(tmp_path):
+    art = make_tiny_artifact(tmp_path / "tiny.safetensors")
+    data = make_synth(tmp_path / "synth", num_images=2)
+    names = {"circle": "aerosol_can", "square": "bow_(weapon)", "triangle": "tape_(sticky_cloth_or_paper)",
+             "star": "Band_Aid", "ring": "CD_player", "cross": "iPod"}
+    frequency = {"aerosol_can": "f", "bow_(weapon)": "r", "tape_(sticky_cloth_or_paper)": "c", "Band_Aid": "r",
+                 "CD_player": "c", "iPod": "f"}
+    path = _renamed_coco(data, tmp_path, names, frequency)
+    out = tmp_path / "eval"
+    assert main_evaluate(["--model", str(art), "--data", str(path), "--prompt",
+                          "center", "--reference-vocabulary", "lvis", "--precision", "bf16", "--out", str(out),
+                          "--no-progress", "--cache-dir", str(tmp_path / "vocab-cache")]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert sorted(m["novel_labels"]) == ["Band_Aid", "bow_(weapon)"]
+    assert (m["precision"], m["reference_vocabulary"], m["head_roi_size"]) == ("bf16", "lvis", 7)
+    assert m["center"]["count"] == m["num_instances"] > 0

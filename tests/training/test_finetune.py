@@ -63,19 +63,30 @@ def test_losses_reduce_like_the_reference():
 
 def test_schedule_and_weight_decay_groups(world):
     from ovsam.artifact import load_artifact
-    from training.optim import param_groups, warmup_multistep
+    from training.optim import NO_DECAY_RULES, param_groups, warmup_multistep
 
     f = warmup_multistep(120, 10, (8 / 12, 11 / 12), 0.1)
     assert f(0) == pytest.approx(0.001) and f(10) == 1.0 and f(79) == 1.0
     assert f(80) == pytest.approx(0.1) and f(110) == pytest.approx(0.01)
     model = load_artifact(world["artifact"]).model
-    decay, plain = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
+    # Ours ("extended"): norms, biases, tokens and 1-D parameters are spared.
+    decay, plain = param_groups(model, 0.05, NO_DECAY_RULES["extended"])
     plain_names = {names[id(p)] for p in plain["params"]}
     assert "head.label_token.weight" in plain_names and "head.mask_decoder.mask_tokens.weight" in plain_names
     assert all(n.endswith("bias") or "norm" in n or "token" in n or "output_upscaling.1" in n for n in plain_names)
     trained = {names[id(p)] for g in (decay, plain) for p in g["params"]}
     assert trained and all(n.startswith("head.") and not n.startswith("head.label_mlp") for n in trained)
+    # The reference's (the default): only nn.LayerNorm & co. are spared; SAM's LayerNorm2d, biases, tokens decay.
+    decay, plain = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    ref_plain = {names[id(p)] for p in plain["params"]}
+    ref_decay = {names[id(p)] for p in decay["params"]}
+    assert ref_plain | ref_decay == trained
+    assert ref_plain == {n for n in trained if ".norm" in n and n.startswith("head.mask_decoder.transformer.")}
+    assert {"head.label_token.weight", "head.mask_decoder.mask_tokens.weight", "head.mask_decoder.output_upscaling.1.weight",
+            "head.fpn.inner_blocks.0.0.bias"} <= ref_decay
+    assert FinetuneConfig(base="b", out="o").weight_decay_groups == "reference"
 
 
 def test_examples_have_sampled_prompts_and_box_only_instances(world):

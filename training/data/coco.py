@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from collections.abc import Sequence
 from os import PathLike
+from urllib.parse import urlsplit
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -32,7 +34,7 @@ def load_coco(
 
     Labels are the category names; `labels`, when given, keeps only those categories (others
     count as 'unknown label'). Crowd regions are skipped and counted unless `include_crowd`.
-    Task ids are the COCO image ids; `image_ref` is `image_root / file_name`.
+    Task ids are the COCO image ids; `image_ref` is `image_root / file_name` (LVIS v1: see `image_file`).
     """
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco = COCO(str(instances_json))
@@ -52,9 +54,26 @@ def load_coco(
         if not instances:
             report.add("no annotation", image_id)
             continue
-        image_ref = os.path.join(os.fspath(image_root), info["file_name"])
+        image_ref = os.path.join(os.fspath(image_root), image_file(info))
         samples.append(Sample(image_id, image_ref, instances, int(info["width"]), int(info["height"])))
     return samples, report
+
+
+def image_file(info: dict) -> str:
+    """An image entry's path under the image root: COCO's `file_name`; LVIS v1 entries have none, and (as
+    mmdet's LVISV1Dataset) the path is their `coco_url` after the host, e.g. `val2017/000000397133.jpg`."""
+    if info.get("file_name"):
+        return str(info["file_name"])
+    url = info.get("coco_url")
+    if url:
+        return urlsplit(str(url)).path.lstrip("/")
+    raise ValueError(f"image {info.get('id')!r} has neither file_name nor coco_url")
+
+
+def read_categories(instances_json: str | PathLike) -> list[dict]:
+    """The file's `categories` (id, name and, for LVIS, frequency r/c/f)."""
+    with open(instances_json, encoding="utf-8") as f:
+        return list(json.load(f)["categories"])
 
 
 def _instance(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
+
+from ovsam.centre import centre_point
 
 from .augment import lsj_augment  # noqa: F401  (the training pipeline imports both from here)
 
@@ -73,18 +74,14 @@ def sample_training_prompts(
 
 
 def center_point(mask: np.ndarray) -> tuple[int, int]:
-    """The evaluation prompt point of a GT mask (spec §1.5): the pixel deepest inside it.
+    """The evaluation prompt point of a GT mask (spec §1.5), exactly as the reference picks it.
 
-    Distance to the nearest background pixel, with the image border counting as background
-    (the mask is padded by 1 px of zeros); the first maximum in raster order wins. The reference
-    uses kornia's `distance_transform` (kernel 3, h=0.35); cv2's DIST_L2 with a 5x5 mask is a
-    close approximation of the same Euclidean distance, so rare near-ties can pick a different
-    pixel. Pass the mask in the frame the point is wanted in (the reference resizes it first).
+    `ovsam.centre.centre_point`: the deepest pixel by kornia 0.7.x's distance-transform cascade (the image
+    border counts as background; among equally deep pixels the one with the fewest reached neighbours, then
+    the first in raster order). Pass the mask in the frame the point is wanted in (the reference rescales it
+    to the model frame first, `ovsam.centre.rescale_mask`).
     """
     m = np.asarray(mask, dtype=bool)
     if m.ndim != 2 or not m.any():
         raise ValueError("center_point needs a non-empty 2-D mask")
-    padded = np.pad(m, 1).astype(np.uint8)
-    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
-    idx = int(np.argmax(dist))
-    return idx % m.shape[1], idx // m.shape[1]
+    return centre_point(m)
