@@ -33,7 +33,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import outbound
+from .lru import SizedLRU
 from .outbound import OutboundRefused
 
 __all__ = ["ImageError", "ImageLoader", "ImageLoaderConfig", "LabelStudioConflict", "is_jwt"]
@@ -200,48 +200,6 @@ class ImageLoaderConfig:
         return out
 
 
-class _ByteLRU:
-    """Thread-safe LRU of bytes, bounded by total size."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> bytes | None:
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-            return data
-
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self.limit:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._size -= len(old)
-            self._items[key] = data
-            self._size += len(data)
-            while self._size > self.limit:
-                _, evicted = self._items.popitem(last=False)
-                self._size -= len(evicted)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._size = 0
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 @dataclass
 class _Token:
     value: str
@@ -275,7 +233,7 @@ class ImageLoader:
         self.policy = outbound.AddressPolicy(self.config.allowed_hosts, label_studio=self._label_studio_origin)
         self._session = outbound.guard_session(session or requests.Session(), self.policy)
         self._session.headers["User-Agent"] = self.config.user_agent
-        self._cache = _ByteLRU(self.config.cache_bytes)
+        self._cache: SizedLRU[bytes] = SizedLRU(self.config.cache_bytes, len)
         self._slots = threading.BoundedSemaphore(self.config.max_downloads)
         self._token: _Token | None = None
         self._token_lock = threading.Lock()

@@ -21,12 +21,12 @@ client's, so the cache is bounded in characters of XML, not in entries
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from label_studio_sdk.label_interface import LabelInterface
+
+from .lru import SizedLRU
 
 __all__ = [
     "LabelConfigError",
@@ -196,70 +196,23 @@ def _build_schema(xml: str) -> ProjectSchema:
     )
 
 
-class _SchemaCache:
-    """Thread-safe LRU of parsed configs, bounded by the total length of their XML.
-
-    A config longer than a quarter of the limit is parsed but not kept, so one
-    huge config cannot evict every other project's.
-    """
-
-    def __init__(self, max_chars: int) -> None:
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[str, ProjectSchema] = OrderedDict()
-        self._chars = 0
-        self.max_chars = max_chars
-
-    @property
-    def max_entry_chars(self) -> int:
-        return self.max_chars // 4
-
-    def get(self, xml: str) -> ProjectSchema | None:
-        with self._lock:
-            schema = self._entries.get(xml)
-            if schema is not None:
-                self._entries.move_to_end(xml)
-            return schema
-
-    def put(self, xml: str, schema: ProjectSchema) -> None:
-        if len(xml) > self.max_entry_chars:
-            return
-        with self._lock:
-            if xml not in self._entries:
-                self._chars += len(xml)
-            self._entries[xml] = schema
-            self._entries.move_to_end(xml)
-            self._evict_locked()
-
-    def resize(self, max_chars: int) -> None:
-        with self._lock:
-            self.max_chars = max_chars
-            for xml in [x for x in self._entries if len(x) > self.max_entry_chars]:
-                del self._entries[xml]
-                self._chars -= len(xml)
-            self._evict_locked()
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"entries": len(self._entries), "chars": self._chars, "max_chars": self.max_chars}
-
-    def _evict_locked(self) -> None:
-        while self._chars > self.max_chars and self._entries:
-            xml, _ = self._entries.popitem(last=False)
-            self._chars -= len(xml)
-
-
 _DEFAULT_CACHE_CHARS = 16 * 1024 * 1024
-_cache = _SchemaCache(_DEFAULT_CACHE_CHARS)
+# Parsed configs, bounded by the characters of their XML; a config over a quarter of the bound is parsed on
+# every request instead of kept, so one huge config cannot evict every other project's.
+_cache: SizedLRU[tuple[int, ProjectSchema]] = SizedLRU(
+    _DEFAULT_CACHE_CHARS, lambda entry: entry[0], max_entry=_DEFAULT_CACHE_CHARS // 4
+)
 
 
 def set_cache_limit(max_chars: int) -> None:
     """Bound the parsed-config cache to ``max_chars`` characters of XML (the server sets LABEL_CONFIG_CACHE_MB)."""
-    _cache.resize(max(0, int(max_chars)))
+    max_chars = max(0, int(max_chars))
+    _cache.resize(max_chars, max_entry=max_chars // 4)
 
 
 def cache_stats() -> dict[str, int]:
     """Entries and characters of XML in the parsed-config cache, and its limit."""
-    return _cache.stats()
+    return {"entries": len(_cache), "chars": _cache.size, "max_chars": _cache.max_size}
 
 
 def parse_label_config(xml: str) -> ProjectSchema:
@@ -270,8 +223,8 @@ def parse_label_config(xml: str) -> ProjectSchema:
     """
     if not isinstance(xml, str):
         raise LabelConfigError(f"label config must be an XML string, got {type(xml).__name__}")
-    schema = _cache.get(xml)
-    if schema is None:
-        schema = _build_schema(xml)  # outside the lock: parsing a large config takes a while
-        _cache.put(xml, schema)
-    return schema
+    entry = _cache.get(xml)
+    if entry is None:
+        entry = (len(xml), _build_schema(xml))  # outside the lock: parsing a large config takes a while
+        _cache.put(xml, entry)
+    return entry[1]

@@ -257,21 +257,22 @@ def test_label_config_cache_is_bounded_in_bytes_of_xml(backend_env: dict[str, st
         assert after["chars"] == before["chars"] and after["entries"] == before["entries"]
 
 
-def test_schema_cache_unit_bounds_and_lru() -> None:
-    cache = label_config._SchemaCache(1000)
-    schema = label_config.parse_label_config(_config(["a"]))
+def test_sized_lru_bounds_by_size_and_evicts_least_recent() -> None:
+    from labelstudio_backend.lru import SizedLRU
+
+    cache: SizedLRU[str] = SizedLRU(1000, len, max_entry=250)
     for i in range(50):
-        cache.put(f"{i:03d}" + "x" * 197, schema)  # 200 chars each
-        assert cache.stats()["chars"] <= 1000
-    assert cache.stats()["entries"] == 5
-    assert cache.get("049" + "x" * 197) is schema and cache.get("000" + "x" * 197) is None
-    cache.get("045" + "x" * 197)  # used: survives the next insertion, 046 does not
-    cache.put("new" + "x" * 197, schema)
-    assert cache.get("045" + "x" * 197) is schema and cache.get("046" + "x" * 197) is None
-    cache.put("y" * 251, schema)  # over a quarter of the limit: not kept
-    assert cache.get("y" * 251) is None
-    cache.resize(400)
-    assert cache.stats()["chars"] <= 400
+        cache.put(i, f"{i:03d}" + "x" * 197)  # 200 chars each
+        assert cache.size <= 1000
+    assert len(cache) == 5
+    assert cache.get(49) is not None and cache.get(0) is None
+    cache.get(45)  # used: survives the next insertion, 46 does not
+    cache.put("new", "n" * 200)
+    assert cache.get(45) is not None and cache.get(46) is None
+    cache.put("big", "y" * 251)  # over the entry bound: not kept
+    assert cache.get("big") is None
+    cache.resize(400, max_entry=100)
+    assert cache.size <= 400 and len(cache) == 0  # every entry is over the new entry bound
 
 
 def test_metrics_counters_and_errors_are_bounded() -> None:
