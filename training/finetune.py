@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ovsam.artifact import ModelArtifact, save_artifact
+from ovsam.class_texts import ReferenceVocabulary
 from ovsam.head import cosine_logits
 from ovsam.model import OVSAM
 from ovsam.roi import boxes_to_rois, mask_occupancy
 from ovsam.transforms import input_frame_mask_logits
-from ovsam.class_texts import ReferenceVocabulary
 from ovsam.vocabulary import Vocabulary, VocabularyBuilder
 from training import losses as L
 from training.dataset import (CLIP2SAMDataset, ExampleConfig, FeatureStore, TrainingData, collate_examples,

@@ -572,3 +572,26 @@ def test_cli_classifier_vocabulary_coco_trains_the_base_classes_against_all_80(w
         main_finetune([*common, "--out", str(tmp_path / "excl"), "--labels", "person,teddy bear"])
     with pytest.raises(ValueError, match="lvis vocabulary is read from an LVIS annotation file"):
         main_finetune([*common[:-1], "lvis", "--out", str(tmp_path / "lvis")])  # no r/c/f frequencies in the file
+
+
+def test_cli_classifier_vocabulary_lvis_trains_common_and_frequent_against_all(world, tmp_path):
+    """`--classifier-vocabulary lvis`: the --data file's categories with the reference's cleaned names; without
+    --labels the common and frequent classes train (its norare setting) and the rare ones are novel."""
+    from ovsam.artifact import load_artifact
+
+    data = make_synth(world["root"] / "lvis-synth", num_images=2)
+    names = {"circle": "aerosol_can", "square": "bow_(weapon)", "triangle": "tape_(sticky_cloth_or_paper)",
+             "star": "Band_Aid", "ring": "CD_player", "cross": "iPod"}
+    frequency = {"aerosol_can": "f", "bow_(weapon)": "r", "tape_(sticky_cloth_or_paper)": "c", "Band_Aid": "r",
+                 "CD_player": "c", "iPod": "f"}
+    path = renamed_coco(data, names, frequency)
+    assert main_finetune(["--base", str(world["artifact"]), "--data", str(path), "--out", str(tmp_path / "lvis"),
+                          "--batch-size", "1", "--max-steps", "1", "--no-augment", "--cache-features",
+                          "--val-fraction", "0", "--eval-prompts", "", "--no-progress", "--no-tensorboard",
+                          "--cache-dir", str(world["root"] / "vocab-cache"), "--classifier-vocabulary", "lvis"]) == 0
+    art = load_artifact(tmp_path / "lvis" / "model.safetensors")
+    vocab = art.vocabulary
+    assert vocab.labels == list(names.values()) and not vocab.excluded.any()
+    assert {l for l, b in zip(vocab.labels, vocab.is_base.tolist()) if not b} == {"bow_(weapon)", "Band_Aid"}
+    assert vocab.synonyms[vocab.index("tape_(sticky_cloth_or_paper)")][0] == "tape (sticky cloth"
+    assert art.provenance["labels"] == ["aerosol_can", "tape_(sticky_cloth_or_paper)", "CD_player", "iPod"]
