@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ovsam.centre import rescale_mask
+from ovsam.class_texts import ReferenceVocabulary
 from ovsam.predictor import OVSAMPredictor, Prompt
 from ovsam.transforms import ImageFrame
 from ovsam.vocabulary import Vocabulary
@@ -328,6 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def reference_classes(kind: str, data_path: Optional[str]) -> ReferenceVocabulary:
+    """The reference's COCO classes (its texts and 48/17/15 split), or LVIS's from an LVIS annotation file."""
+    from ovsam.class_texts import coco_reference_vocabulary, lvis_reference_vocabulary
+    from training.data.coco import read_categories
+
+    if kind == "coco":
+        return coco_reference_vocabulary()
+    if kind != "lvis":
+        raise ValueError(f"unknown reference vocabulary {kind!r}; use coco or lvis")
+    try:
+        categories = read_categories(data_path) if data_path else []
+    except (OSError, ValueError, KeyError, TypeError):  # missing, not JSON, or not a COCO-style file
+        categories = []
+    if not categories or not any("frequency" in c for c in categories):
+        raise ValueError(f"the lvis vocabulary is read from an LVIS annotation file (categories with r/c/f frequency); "
+                         f"{data_path} is not one")
+    return lvis_reference_vocabulary(categories)
+
+
 def reference_vocabulary(artifact, kind: str, data_path: str, samples: Sequence[Sample],
                          cache_dir: Optional[Path] = None) -> Tuple[Vocabulary, List[str], List[Sample]]:
     """(vocabulary, novel labels, samples) of the reference's COCO or LVIS evaluation.
@@ -336,11 +356,9 @@ def reference_vocabulary(artifact, kind: str, data_path: str, samples: Sequence[
     reference's 48/17 test split keeps only the 65 classes' instances), yet the 15 stay in the classifier.
     LVIS: the file's categories, texts by `split_label`, rare classes novel.
     """
-    from ovsam.class_texts import coco_reference_vocabulary, lvis_reference_vocabulary
     from ovsam.vocabulary import VocabularyBuilder
-    from training.data.coco import read_categories
 
-    ref = coco_reference_vocabulary() if kind == "coco" else lvis_reference_vocabulary(read_categories(data_path))
+    ref = reference_classes(kind, data_path)
     builder = VocabularyBuilder(artifact.get_text_encoder(), cache_dir)
     vocab = builder.build(list(ref.labels), texts=ref.texts, base_labels=ref.base, excluded_labels=ref.excluded)
     scored = set(ref.base) | set(ref.novel)

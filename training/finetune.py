@@ -26,11 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ovsam.artifact import ModelArtifact, save_artifact
+from ovsam.class_texts import ReferenceVocabulary
 from ovsam.head import cosine_logits
 from ovsam.model import OVSAM
 from ovsam.roi import boxes_to_rois, mask_occupancy
 from ovsam.transforms import input_frame_mask_logits
-from ovsam.vocabulary import Vocabulary
+from ovsam.vocabulary import Vocabulary, VocabularyBuilder
 from training import losses as L
 from training.dataset import (CLIP2SAMDataset, ExampleConfig, FeatureStore, TrainingData, collate_examples,
                               load_training_data, make_image_source, read_label_config)
@@ -44,6 +45,7 @@ from training.optim import (NO_DECAY_RULES, build_adamw, default_warmup, load_tr
 
 ProgressFn = Callable[[Dict[str, Any]], None]
 CHECKPOINT = "checkpoints/last.pt"
+REFERENCE_VOCABULARIES = ("coco", "lvis")
 
 
 @dataclass
@@ -119,6 +121,12 @@ class FinetuneConfig:
     # embeddings of their objects (`training.label_fit`), and training and the artifact use the fitted rows.
     # For names the base model's text tower does not tie to objects it already tells apart.
     fit_label_embeddings: bool = False
+    # The classifier the head's logits are computed against, saved as the artifact's vocabulary (None: the training
+    # labels). "coco" / "lvis": the reference's vocabularies (its texts; COCO's 15 unsplit classes excluded), as its
+    # CLIP2SAM training on the 48 base classes against all 80. `classifier_labels`: a label list. The training labels
+    # must be in it and are its base classes; the others are negatives in the softmax and novel when served.
+    classifier_vocabulary: Optional[str] = None
+    classifier_labels: Optional[List[str]] = None
     command: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -134,6 +142,11 @@ class FinetuneConfig:
             raise ValueError("--max-steps must be >= 0")
         if self.max_steps == 0 and not self.fit_label_embeddings:
             raise ValueError("--max-steps 0 trains nothing; with --fit-label-embeddings it only fits the label rows")
+        if self.classifier_vocabulary is not None and self.classifier_labels:
+            raise ValueError("give --classifier-vocabulary or --classifier-labels, not both")
+        if self.classifier_vocabulary not in (None, *REFERENCE_VOCABULARIES):
+            raise ValueError(f"unknown classifier vocabulary {self.classifier_vocabulary!r}; "
+                             f"use {' or '.join(REFERENCE_VOCABULARIES)}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise ValueError("batch size, gradient accumulation and epochs must be >= 1")
         from training.evaluate import PROMPT_MODES  # checked now, not after hours of training
@@ -331,6 +344,63 @@ def split_data(data: TrainingData, cfg: FinetuneConfig, val_data: Optional[Train
     return train, val
 
 
+def reference_classifier(cfg: FinetuneConfig) -> Optional[ReferenceVocabulary]:
+    """The reference vocabulary `--classifier-vocabulary` names (LVIS's classes are read from the --data file)."""
+    if cfg.classifier_vocabulary is None:
+        return None
+    from training.evaluate import reference_classes
+
+    return reference_classes(cfg.classifier_vocabulary, cfg.data)
+
+
+def training_labels(cfg: FinetuneConfig, reference: Optional[ReferenceVocabulary]) -> Optional[List[str]]:
+    """`--labels`; else, with a reference classifier and no label config, its base classes: the reference trains on
+    those alone (COCO's 48 of `sub_split='48_17'`, LVIS's common and frequent), so its own files can be given as is."""
+    if cfg.labels or cfg.label_config or reference is None:
+        return cfg.labels
+    return list(reference.base)
+
+
+def check_classifier(labels: Sequence[str], classifier: Sequence[str], excluded: Sequence[str] = ()) -> None:
+    """Every training label must be a class of the classifier that can be predicted (targets map by name)."""
+    known, never = set(classifier), set(excluded)
+    missing = [l for l in labels if l not in known]
+    if missing:
+        raise ValueError(f"training label(s) {missing[:10]} not in the classifier vocabulary ({len(known)} labels); "
+                         "the classifier must hold every annotated label under the same name")
+    dropped = [l for l in labels if l in never]
+    if dropped:
+        raise ValueError(f"training label(s) {dropped[:10]} are excluded classes of the classifier (never predicted); "
+                         "leave them out with --labels")
+
+
+def classifier_vocabulary(artifact: ModelArtifact, cfg: FinetuneConfig, data: TrainingData,
+                          reference: Optional[ReferenceVocabulary] = None) -> Vocabulary:
+    """The vocabulary the head's logits are computed against during training, validation and the gate, and the one
+    the artifact keeps for serving.
+
+    Default: the training labels, all base. With a larger classifier (`cfg.classifier_vocabulary` or
+    `cfg.classifier_labels`): its labels in its order, the training labels base and the others novel (so a served
+    model fuses them with CLIP weight beta and can name classes nobody annotated). The loss keeps novel and excluded
+    classes in the softmax as negatives, as the reference's CLIP2SAM training keeps all 80 COCO classes plus
+    background in its classifier while its targets are the 48 base classes; COCO's 15 excluded classes are scored
+    -1000 only after the fusion, at inference, as in the reference's evaluation.
+    """
+    from training.vocab_cli import project_vocabulary
+
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    if reference is not None:
+        check_classifier(data.labels, reference.labels, reference.excluded)
+        builder = VocabularyBuilder(artifact.get_text_encoder(), cache)
+        return builder.build(list(reference.labels), texts=reference.texts, base_labels=data.labels,
+                             excluded_labels=list(reference.excluded))
+    if cfg.classifier_labels:
+        check_classifier(data.labels, cfg.classifier_labels)
+        return project_vocabulary(artifact, cfg.classifier_labels, data.synonyms, base_labels=data.labels,
+                                  cache_dir=cache)
+    return project_vocabulary(artifact, data.labels, data.synonyms, cache_dir=cache)
+
+
 def usable(samples: list, labels: Sequence[str]) -> list:
     known = set(labels)
     return [s for s in samples if any(i.label in known for i in s.instances)]
@@ -379,13 +449,15 @@ class _Run:
 
     # ---- data, model, optimiser ---------------------------------------------------------------
     def setup(self, data: Optional[TrainingData], base: Optional[ModelArtifact], images: Any) -> None:
-        from training.vocab_cli import load_model_any, project_vocabulary
+        from training.vocab_cli import load_model_any
 
         cfg = self.cfg
+        reference = reference_classifier(cfg)
         if data is None:
             if not cfg.data:
                 raise ValueError("no training data: give --data")
-            data = load_training_data(cfg.data, read_label_config(cfg.label_config), cfg.labels, cfg.image_root)
+            data = load_training_data(cfg.data, read_label_config(cfg.label_config), training_labels(cfg, reference),
+                                      cfg.image_root)
         if not data.labels:
             raise ValueError("no labels: give a label config or --labels, or data with labelled regions")
         val_data = load_training_data(cfg.val_data, labels=data.labels) if cfg.val_data else None
@@ -413,8 +485,7 @@ class _Run:
             model.head.label_token.requires_grad_(False)
         if not cfg.train_fpn:
             model.head.fpn.requires_grad_(False)
-        self.vocab = project_vocabulary(self.base, data.labels, data.synonyms,
-                                        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None)
+        self.vocab = classifier_vocabulary(self.base, cfg, data, reference)
         train, self.val_samples = split_data(data, cfg, val_data)
         self.train_samples = usable(train, data.labels)
         if not self.train_samples:
@@ -644,6 +715,8 @@ class _Run:
                                      len(self.val_samples), self.step)
             if self.label_fit is not None:
                 provenance["label_fit"] = self.label_fit.summary()
+            if cfg.classifier_vocabulary or cfg.classifier_labels:
+                provenance["classifier"] = classifier_summary(self.vocab, cfg)
             if save:
                 artifact_path = Path(cfg.artifact) if cfg.artifact else self.out_dir / "model.safetensors"
                 save_artifact(artifact_path, self.model, self.vocab, version, provenance, metrics,
@@ -657,7 +730,14 @@ class _Run:
 
 RESUME_KEYS = ("base", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "milestones",
                "gamma", "max_norm", "num_points", "augment", "seed", "val_fraction", "split_seed", "head_mask_pooling",
-               "decoder_high_res", "fit_label_embeddings", "image_size")
+               "decoder_high_res", "fit_label_embeddings", "image_size", "classifier_vocabulary", "classifier_labels")
+
+
+def classifier_summary(vocab: Vocabulary, cfg: FinetuneConfig) -> Dict[str, Any]:
+    """How the head was trained against a larger classifier (the artifact's provenance)."""
+    return {"source": cfg.classifier_vocabulary or "labels", "labels": len(vocab),
+            "base": int(vocab.is_base.sum()), "excluded": int(vocab.excluded.sum()),
+            "novel": int((~vocab.is_base & ~vocab.excluded).sum())}
 
 
 def _warn_changed(saved: Dict[str, Any], cfg: FinetuneConfig, info: DistInfo) -> None:
@@ -733,6 +813,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: checkpoints, logs, TensorBoard, model.safetensors")
     p.add_argument("--label-config", help="Label Studio label config XML: the vocabulary and its synonyms")
     p.add_argument("--labels", help="comma-separated vocabulary (default: the label config, else the data's labels)")
+    p.add_argument("--classifier-vocabulary", choices=REFERENCE_VOCABULARIES,
+                   help="train against the reference's larger classifier, as its base-class training: coco = the 80 "
+                        "classes with its texts (15 excluded), lvis = --data's LVIS categories; the training labels "
+                        "(--labels, else the reference's base classes) are base, the others novel; the artifact keeps all")
+    p.add_argument("--classifier-labels",
+                   help="comma-separated classifier the head is trained against and the artifact keeps (a superset of "
+                        "the training labels; the others are novel)")
     p.add_argument("--image-root", help="folder image paths are relative to (default: next to --data)")
     p.add_argument("--artifact", help="where to write the model (default <out>/model.safetensors)")
     p.add_argument("--version", help="model version (default <base version>-ft-<UTC timestamp>)")
@@ -792,6 +879,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneConfig:
+    from training.vocab_cli import split_labels
+
     d = FinetuneConfig(base="", out="")
     floats = lambda s: tuple(float(x) for x in s.split(",") if x.strip())  # noqa: E731
     return FinetuneConfig(
@@ -808,6 +897,7 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> FinetuneC
         ratio_range=floats(args.ratio_range), cache_features=args.cache_features, train_all=args.train_all, train_mask_decoder=not args.freeze_mask_decoder, train_fpn=not args.freeze_fpn,
         head_mask_pooling=None if args.roi_pooling is None else args.roi_pooling == "mask",
         decoder_high_res=args.decoder_high_res, fit_label_embeddings=args.fit_label_embeddings,
+        classifier_vocabulary=args.classifier_vocabulary, classifier_labels=split_labels(args.classifier_labels),
         image_size=args.image_size, seed=args.seed, device=args.device,
         amp=not args.no_amp, workers=args.workers, resume=args.resume, checkpoint_interval=args.checkpoint_interval,
         eval_prompts=tuple(s.strip() for s in args.eval_prompts.split(",") if s.strip()), eval_before=args.eval_before,

@@ -75,8 +75,8 @@ def run_training_job(
     from ovsam.artifact import save_artifact
     from training.dataset import keep_loadable, load_training_data, make_image_source
     from training.evaluate import evaluate_model
-    from training.finetune import FinetuneConfig, finetune, make_version
-    from training.vocab_cli import load_model_any, project_vocabulary
+    from training.finetune import FinetuneConfig, classifier_vocabulary, finetune, make_version, reference_classifier
+    from training.vocab_cli import load_model_any
 
     notify = on_progress or (lambda event: None)
     notify({"stage": "load", "progress": 0.0})
@@ -105,8 +105,9 @@ def run_training_job(
     serving_path = serving_artifact(Path(model_dir)) or Path(base_artifact_path)
     notify({"stage": "evaluate", "progress": 0.95, "model": "serving", "path": str(serving_path)})
     serving = load_model_any(serving_path, device="cpu")  # fresh copy: the base was trained in place
-    serving_vocab = project_vocabulary(serving, data.labels, data.synonyms,
-                                       cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None)
+    # The candidate's classifier (the project's labels, or a larger one the job options name), from the serving
+    # model's text tower: both models are scored against the same labels.
+    serving_vocab = classifier_vocabulary(serving, cfg, data, reference_classifier(cfg))
     serving_metrics = evaluate_model(serving.model, serving_vocab, result.eval_samples, images,
                                      device=result.model.device, modes=tuple(cfg.eval_prompts), max_examples=0).metrics
     del serving

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_finetune_support import make_synth, make_tiny_artifact  # noqa: E402
+from test_finetune_support import make_synth, make_tiny_artifact, renamed_coco  # noqa: E402
 
 from ovsam.transforms import ImageFrame  # noqa: E402
 from training.data.types import Instance, Sample  # noqa: E402
@@ -125,17 +125,6 @@ def test_cli_writes_metrics_report_and_plots(tmp_path):
         assert (out / name).stat().st_size > 0
 
 
-def _renamed_coco(data: dict, tmp_path: Path, names: dict, frequency: dict | None = None) -> Path:
-    coco = json.loads(Path(data["coco"]).read_text())
-    for c in coco["categories"]:
-        c["name"] = names[c["name"]]
-        if frequency is not None:
-            c["frequency"] = frequency[c["name"]]
-    path = Path(data["root"]) / "renamed.json"
-    path.write_text(json.dumps(coco))
-    return path
-
-
 def test_cli_reference_coco_vocabulary_scores_the_65_classes_and_keeps_the_15_in_the_classifier(tmp_path):
     from ovsam.class_texts import coco_reference_vocabulary
 
@@ -143,7 +132,7 @@ def test_cli_reference_coco_vocabulary_scores_the_65_classes_and_keeps_the_15_in
     data = make_synth(tmp_path / "synth", num_images=3)
     names = {"circle": "person", "square": "cat", "triangle": "teddy bear", "star": "dog", "ring": "car",
              "cross": "hair drier"}  # base, novel, excluded, novel, base, excluded
-    path = _renamed_coco(data, tmp_path, names)
+    path = renamed_coco(data, names)
     coco = json.loads(path.read_text())
     excluded_ids = {c["id"] for c in coco["categories"] if c["name"] in ("teddy bear", "hair drier")}
     scored = sum(1 for a in coco["annotations"] if a["category_id"] not in excluded_ids)
@@ -165,7 +154,7 @@ def test_cli_reference_lvis_vocabulary_rare_novel_and_roi_7(tmp_path):
              "star": "Band_Aid", "ring": "CD_player", "cross": "iPod"}
     frequency = {"aerosol_can": "f", "bow_(weapon)": "r", "tape_(sticky_cloth_or_paper)": "c", "Band_Aid": "r",
                  "CD_player": "c", "iPod": "f"}
-    path = _renamed_coco(data, tmp_path, names, frequency)
+    path = renamed_coco(data, names, frequency)
     out = tmp_path / "eval"
     assert main_evaluate(["--model", str(art), "--data", str(path), "--prompt",
                           "center", "--reference-vocabulary", "lvis", "--precision", "bf16", "--out", str(out),

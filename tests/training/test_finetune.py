@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_finetune_support import LABELS, make_synth, make_tiny_artifact  # noqa: E402
+from test_finetune_support import LABELS, make_synth, make_tiny_artifact, renamed_coco  # noqa: E402
 
 from training import losses as L  # noqa: E402
 from training.finetune import FinetuneConfig, finetune, main_finetune, make_version  # noqa: E402
@@ -172,8 +172,8 @@ def _cfg(world, out: Path, **kw) -> FinetuneConfig:
     settings = dict(epochs=2, batch_size=1, lr=1e-3, max_norm=1.0, val_fraction=0.0, eval_prompts=(), progress=False,
                     tensorboard=False, cache_dir=str(world["root"] / "vocab-cache"))
     settings["base"] = str(world["artifact"])
-    return FinetuneConfig(out=str(out), data=str(world["data"]["tasks"]), label_config=str(world["data"]["config"]),
-                          **{**settings, **kw})
+    settings.update(data=str(world["data"]["tasks"]), label_config=str(world["data"]["config"]))
+    return FinetuneConfig(out=str(out), **{**settings, **kw})
 
 
 def _head(path: Path) -> dict:
@@ -483,3 +483,115 @@ def test_cli_image_size_moves_the_new_model_to_that_side(world, tmp_path):
     assert feats.embedding.shape[-1] == (base_side + 32) // 16
     with pytest.raises(ValueError, match="multiple of 32"):
         _cfg(world, tmp_path, image_size=base_side + 8)
+
+
+# ----------------------------------------------------------------------------- a larger classifier
+
+
+def test_training_labels_against_a_larger_classifier(world, tmp_path):
+    """Annotations of {circle, square} against the classifier [triangle, circle, star, square]: the head's logits
+    have 4 (+ background) columns, targets are the classifier's indices of their names, the artifact keeps the 4
+    labels (the annotated two base, the others novel); the label fit moves only the annotated rows."""
+    from ovsam.artifact import load_artifact
+    from training.dataset import collate_examples
+    from training.finetune import _Run, to_device
+    from training.vocab_cli import project_vocabulary
+
+    classifier = ["triangle", "circle", "star", "square"]
+    cfg = _cfg(world, tmp_path / "run", label_config=None, labels=["circle", "square"], classifier_labels=classifier,
+               augment=False,
+               cache_features=True, max_steps=2, fit_label_embeddings=True)
+    run = _Run(cfg, None)
+    run.setup(None, None, None)
+    assert run.vocab.labels == classifier and run.vocab.is_base.tolist() == [False, True, False, True]
+    example = run.dataset[0]
+    names = {classifier[i] for i in example["labels"].tolist()}
+    assert names and names <= {"circle", "square"}  # by name: indices 1 and 3, not the data's 0 and 1
+    batch = to_device(collate_examples([example]), run.dev)
+    out = run.step_module(batch)
+    assert out["logits"].shape == (len(example["labels"]), 5)
+
+    result = finetune(cfg)
+    art = load_artifact(result.artifact)
+    assert art.vocabulary.labels == classifier and art.vocabulary.is_base.tolist() == [False, True, False, True]
+    text = project_vocabulary(load_artifact(world["artifact"]), classifier).embeddings
+    moved = [not torch.allclose(art.vocabulary.embeddings[i].float(), text[i].float()) for i in range(4)]
+    assert moved == [False, True, False, True]
+    assert art.provenance["classifier"] == {"source": "labels", "labels": 4, "base": 2, "excluded": 0, "novel": 2}
+    assert art.provenance["labels"] == ["circle", "square"]
+
+    # A resumed run must train against the same classifier.
+    with pytest.raises(ValueError, match="was trained on labels"):
+        finetune(_cfg(world, tmp_path / "run", label_config=None, labels=["circle", "square"],
+                      classifier_labels=classifier[:3] + ["square", "ring"], augment=False, cache_features=True,
+                      max_steps=3, resume=True))
+
+
+def test_a_training_label_outside_the_classifier_is_refused(world, tmp_path):
+    argv = _cli_argv(world, tmp_path / "bad", "--max-steps", "1", "--classifier-labels", "circle,triangle,star")
+    with pytest.raises(ValueError, match=r"\['square', 'ring', 'cross'\] not in the classifier vocabulary"):
+        main_finetune(argv)  # the label config's labels: all six shapes
+    with pytest.raises(ValueError, match="not both"):
+        _cfg(world, tmp_path, classifier_vocabulary="coco", classifier_labels=["circle"])
+    with pytest.raises(ValueError, match="unknown classifier vocabulary"):
+        _cfg(world, tmp_path, classifier_vocabulary="coco80")
+
+
+def test_cli_classifier_vocabulary_coco_trains_the_base_classes_against_all_80(world, tmp_path):
+    """`--classifier-vocabulary coco` on a COCO file: the reference's 80 classes and texts, its 48 base classes the
+    training labels (other classes' instances left out, as its 48_17 sub-split), its 15 excluded kept excluded; the
+    artifact's vocabulary is the one `evaluate --reference-vocabulary coco` classifies against."""
+    from ovsam.artifact import load_artifact
+    from ovsam.class_texts import coco_reference_vocabulary
+    from training.dataset import load_training_data
+    from training.evaluate import reference_vocabulary
+
+    data = make_synth(world["root"] / "coco-synth", num_images=3)
+    names = {"circle": "person", "square": "cat", "triangle": "teddy bear", "star": "dog", "ring": "car",
+             "cross": "hair drier"}  # base, novel, excluded, novel, base, excluded
+    path = renamed_coco(data, names)
+    cache = str(world["root"] / "vocab-cache")
+    common = ["--base", str(world["artifact"]), "--data", str(path), "--batch-size", "1", "--max-steps", "1",
+              "--no-augment", "--cache-features", "--val-fraction", "0", "--eval-prompts", "box", "--no-progress",
+              "--no-tensorboard", "--cache-dir", cache, "--classifier-vocabulary", "coco"]
+    assert main_finetune([*common, "--out", str(tmp_path / "coco")]) == 0
+    ref = coco_reference_vocabulary()
+    art = load_artifact(tmp_path / "coco" / "model.safetensors")
+    vocab = art.vocabulary
+    assert vocab.labels == list(ref.labels) and len(vocab) == 80
+    assert {l for l, b in zip(vocab.labels, vocab.is_base.tolist()) if b} == set(ref.base)
+    assert {l for l, e in zip(vocab.labels, vocab.excluded.tolist()) if e} == set(ref.excluded)
+    assert vocab.synonyms[vocab.index("remote")] == ref.texts["remote"]
+    assert art.provenance["classifier"] == {"source": "coco", "labels": 80, "base": 48, "excluded": 15, "novel": 17}
+    assert art.metrics["val"]["box"]["per_class"].keys() <= {"person", "car"}
+    samples = load_training_data(str(path)).samples
+    expected, _, _ = reference_vocabulary(load_artifact(world["artifact"]), "coco", str(path), samples, Path(cache))
+    assert torch.equal(vocab.embeddings, expected.embeddings)
+
+    with pytest.raises(ValueError, match=r"\['teddy bear'\] are excluded classes of the classifier"):
+        main_finetune([*common, "--out", str(tmp_path / "excl"), "--labels", "person,teddy bear"])
+    with pytest.raises(ValueError, match="lvis vocabulary is read from an LVIS annotation file"):
+        main_finetune([*common[:-1], "lvis", "--out", str(tmp_path / "lvis")])  # no r/c/f frequencies in the file
+
+
+def test_cli_classifier_vocabulary_lvis_trains_common_and_frequent_against_all(world, tmp_path):
+    """`--classifier-vocabulary lvis`: the --data file's categories with the reference's cleaned names; without
+    --labels the common and frequent classes train (its norare setting) and the rare ones are novel."""
+    from ovsam.artifact import load_artifact
+
+    data = make_synth(world["root"] / "lvis-synth", num_images=2)
+    names = {"circle": "aerosol_can", "square": "bow_(weapon)", "triangle": "tape_(sticky_cloth_or_paper)",
+             "star": "Band_Aid", "ring": "CD_player", "cross": "iPod"}
+    frequency = {"aerosol_can": "f", "bow_(weapon)": "r", "tape_(sticky_cloth_or_paper)": "c", "Band_Aid": "r",
+                 "CD_player": "c", "iPod": "f"}
+    path = renamed_coco(data, names, frequency)
+    assert main_finetune(["--base", str(world["artifact"]), "--data", str(path), "--out", str(tmp_path / "lvis"),
+                          "--batch-size", "1", "--max-steps", "1", "--no-augment", "--cache-features",
+                          "--val-fraction", "0", "--eval-prompts", "", "--no-progress", "--no-tensorboard",
+                          "--cache-dir", str(world["root"] / "vocab-cache"), "--classifier-vocabulary", "lvis"]) == 0
+    art = load_artifact(tmp_path / "lvis" / "model.safetensors")
+    vocab = art.vocabulary
+    assert vocab.labels == list(names.values()) and not vocab.excluded.any()
+    assert {l for l, b in zip(vocab.labels, vocab.is_base.tolist()) if not b} == {"bow_(weapon)", "Band_Aid"}
+    assert vocab.synonyms[vocab.index("tape_(sticky_cloth_or_paper)")][0] == "tape (sticky cloth"
+    assert art.provenance["labels"] == ["aerosol_can", "tape_(sticky_cloth_or_paper)", "CD_player", "iPod"]

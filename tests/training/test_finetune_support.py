@@ -41,6 +41,20 @@ def make_synth(out: Path, num_images: int = 4, size: int = 128, seed: int = 0, *
     return {"tasks": out / "tasks.json", "coco": out / "coco.json", "config": out / "label_config.xml", "root": out}
 
 
+def renamed_coco(data: Dict[str, Path], names: Dict[str, str], frequency: Dict[str, str] | None = None) -> Path:
+    """The synthetic COCO file with its categories renamed (e.g. to COCO or LVIS classes), and LVIS frequencies."""
+    import json
+
+    coco = json.loads(Path(data["coco"]).read_text())
+    for c in coco["categories"]:
+        c["name"] = names[c["name"]]
+        if frequency is not None:
+            c["frequency"] = frequency[c["name"]]
+    path = Path(data["root"]) / "renamed.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
 def subprocess_env() -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

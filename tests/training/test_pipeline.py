@@ -68,3 +68,31 @@ def test_training_job_can_promote_itself(tmp_path, monkeypatch):
                            str(tmp_path / "models"), "p1", options=options, tolerance=1.0, registrar=registry_promote)
     assert out["promoted"] and (tmp_path / "models" / "current").read_text().strip() == Path(out["artifact"]).name
     assert out["metrics"]["prompt_modes"] == ["box"]
+
+
+def test_training_job_scores_both_models_against_a_larger_classifier(tmp_path, monkeypatch):
+    """Job options naming a larger classifier: the candidate and the serving model are evaluated against the same
+    8 labels (the project's 6 base, 2 more novel), and the candidate artifact keeps all 8."""
+    import training.evaluate as evaluate
+    from ovsam.artifact import load_artifact
+
+    base = make_tiny_artifact(tmp_path / "base.safetensors")
+    data = make_synth(tmp_path / "synth", num_images=3)
+    monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(data["root"]))
+    seen = []
+    real = evaluate.evaluate_model
+
+    def spy(model, vocabulary, *args, **kwargs):
+        seen.append((list(vocabulary.labels), vocabulary.is_base.tolist()))
+        return real(model, vocabulary, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", spy)
+    classifier = ["hexagon", "circle", "square", "triangle", "star", "ring", "cross", "oval"]
+    options = {"epochs": 1, "max_steps": 1, "eval_prompts": ("box",), "tensorboard": False, "val_fraction": 0.34,
+               "cache_dir": str(tmp_path / "vocab-cache"), "classifier_labels": classifier}
+    out = run_training_job(json.loads(data["tasks"].read_text()), data["config"].read_text(), str(base),
+                           str(tmp_path / "models"), "p1", options=options, tolerance=1.0)
+    expected = (classifier, [False, True, True, True, True, True, True, False])
+    assert seen == [expected, expected]  # candidate, then serving
+    vocab = load_artifact(out["candidate"]).vocabulary
+    assert (vocab.labels, vocab.is_base.tolist()) == expected
