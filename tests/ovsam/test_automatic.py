@@ -136,14 +136,17 @@ def test_identical_masks_give_one_instance(setup):
     run, _ = setup
     out = run()
     assert sum(1 for i in out if i.label == "cat" and i.box.tolist() == out[1].box.tolist()) == 1
-    # With NMS effectively off, the duplicate and the shifted copy come back.
-    out_all = run(nms_iou=1.0)
+    # With NMS effectively off, the copy and the shifted copy (7/8 of it inside A) are still parts of A ...
+    assert _ids(run(nms_iou=1.0)) == [3, 0, 7]
+    # ... and with the part rule off as well, both come back.
+    out_all = run(nms_iou=1.0, part_of_whole=1.01)
     assert sorted(_ids(out_all)) == [0, 1, 3, 7, 8]
 
 
 def test_nms_iou_threshold(setup):
     run, _ = setup
-    assert _ids(run(nms_iou=0.9)) == [3, 0, 7, 8]  # shifted A (IoU 0.78) survives, exact copy does not
+    # Shifted A (IoU 0.78) survives once it no longer counts as a part of A; the exact copy does not.
+    assert _ids(run(nms_iou=0.9, part_of_whole=1.01)) == [3, 0, 7, 8]
     assert _ids(run(nms_iou=0.4)) == [3, 0]  # F (IoU 0.5 with A) is now suppressed too
 
 
@@ -165,8 +168,10 @@ def test_min_area_threshold(setup):
 
 def test_stability_threshold(setup):
     run, _ = setup
-    # The unstable mask (case 4) passes once stability is not required.
-    assert _ids(run(stability_threshold=0.0)) == [3, 0, 7, 4]  # score 0: last
+    # The unstable mask (case 4) passes once stability is not required (nor the support of other prompts: it is
+    # its prompt's alone).
+    assert _ids(run(stability_threshold=0.0, min_support=0.0)) == [3, 0, 7, 4]  # score 0: last
+    assert 4 not in _ids(run(stability_threshold=0.0))
     assert 4 not in _ids(run())
 
 
