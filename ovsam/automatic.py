@@ -110,16 +110,18 @@ def remove_duplicates(rles: Sequence[dict], scores: Sequence[float], labels: Seq
 
     Visiting masks from the best score down, a mask is dropped when its IoU with a kept one exceeds `nms_iou`
     (the same object again, whatever the label), or when it has the label of a kept mask and lies mostly inside it
-    (share of its area >= `part_of_whole`: a part of that object). Kept masks that turn out to lie mostly inside a
-    later mask of their label are replaced by it, whatever their IoU with it: the whole wins over its parts. Masks
-    of other labels inside a kept one (nested objects) and touching masks (IoU ~0) are kept.
+    (share of its area >= `part_of_whole`: a part of that object). Two or more kept masks that turn out to lie mostly
+    inside a later mask of their label are parts of one object split up: that mask replaces them, whatever their IoU
+    with it (the whole wins over its parts). One kept mask inside a later one is not: the later one is the same
+    object with a looser outline (or the object with a bit of its neighbour) and is dropped. Masks of other labels inside a kept one (nested
+    objects) and touching masks (IoU ~0) are kept.
     """
     n = len(rles)
     if n == 0:
         return []
     rles = list(rles)
     iou = np.asarray(mask_utils.iou(rles, rles, [0] * n), dtype=np.float64).reshape(n, n)
-    area = np.asarray(mask_utils.area(rles), dtype=np.float64)
+    area = np.array([mask_utils.area(r) for r in rles], dtype=np.float64)  # area() of a list overflows past 255
     inter = iou * (area[:, None] + area[None, :]) / (1.0 + iou)  # |a ∩ b| from IoU and the two areas
     inside = inter / np.maximum(area[:, None], 1.0)  # [i, j]: share of mask i inside mask j
     same = np.asarray(labels)[:, None] == np.asarray(labels)[None, :]
@@ -129,6 +131,8 @@ def remove_duplicates(rles: Sequence[dict], scores: Sequence[float], labels: Seq
         if any(same[i, k] and inside[i, k] >= part_of_whole for k in kept):
             continue  # a part of a kept object
         parts = [k for k in kept if same[i, k] and inside[k, i] >= part_of_whole]
+        if len(parts) == 1:
+            continue  # one kept mask inside this one: the same object, this a looser outline of it
         if any(iou[i, k] > nms_iou for k in kept if k not in parts):
             continue  # the same object again
         kept = [k for k in kept if k not in parts] + [i]
