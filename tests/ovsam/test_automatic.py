@@ -136,14 +136,17 @@ def test_identical_masks_give_one_instance(setup):
     run, _ = setup
     out = run()
     assert sum(1 for i in out if i.label == "cat" and i.box.tolist() == out[1].box.tolist()) == 1
-    # With NMS effectively off, the duplicate and the shifted copy come back.
-    out_all = run(nms_iou=1.0)
+    # With NMS effectively off, the copy and the shifted copy (7/8 of it inside A) are still parts of A ...
+    assert _ids(run(nms_iou=1.0)) == [3, 0, 7]
+    # ... and with the part rule off as well, both come back.
+    out_all = run(nms_iou=1.0, part_of_whole=1.01)
     assert sorted(_ids(out_all)) == [0, 1, 3, 7, 8]
 
 
 def test_nms_iou_threshold(setup):
     run, _ = setup
-    assert _ids(run(nms_iou=0.9)) == [3, 0, 7, 8]  # shifted A (IoU 0.78) survives, exact copy does not
+    # Shifted A (IoU 0.78) survives once it no longer counts as a part of A; the exact copy does not.
+    assert _ids(run(nms_iou=0.9, part_of_whole=1.01)) == [3, 0, 7, 8]
     assert _ids(run(nms_iou=0.4)) == [3, 0]  # F (IoU 0.5 with A) is now suppressed too
 
 
@@ -165,8 +168,10 @@ def test_min_area_threshold(setup):
 
 def test_stability_threshold(setup):
     run, _ = setup
-    # The unstable mask (case 4) passes once stability is not required.
-    assert _ids(run(stability_threshold=0.0)) == [3, 0, 7, 4]  # score 0: last
+    # The unstable mask (case 4) passes once stability is not required (nor the support of other prompts: it is
+    # its prompt's alone).
+    assert _ids(run(stability_threshold=0.0, min_support=0.0)) == [3, 0, 7, 4]  # score 0: last
+    assert 4 not in _ids(run(stability_threshold=0.0))
     assert 4 not in _ids(run())
 
 
@@ -191,3 +196,72 @@ def test_real_model_end_to_end_sizes():
     assert [i.score for i in out] == sorted((i.score for i in out), reverse=True)
     strict = AutomaticMaskGenerator(predictor, AutomaticConfig(points_per_side=4, confidence_threshold=1.01)).generate(features)
     assert strict == []
+
+
+# ---------------------------------------------------------------- duplicate removal on final masks
+
+from ovsam.automatic import encode_rle, is_edge_sliver, prompt_support, remove_duplicates  # noqa: E402
+
+
+def _box_mask(r0, r1, c0, c1, shape=(60, 80)):
+    m = np.zeros(shape, bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def _dedupe(masks, scores, labels, nms_iou=0.5, part_of_whole=0.8):
+    return remove_duplicates(encode_rle(np.stack(masks)), scores, labels, nms_iou, part_of_whole)
+
+
+def test_identical_masks_from_different_prompts_are_one():
+    a = _box_mask(10, 30, 10, 40)
+    stray = a.copy()
+    stray[59, 79] = True  # one stray pixel: the box spans the image, the mask is still the same object
+    assert _dedupe([a, a, stray], [0.9, 0.8, 0.95], [0, 1, 0]) == [2]
+
+
+def test_nested_object_of_another_label_stays():
+    big, small = _box_mask(5, 55, 5, 75), _box_mask(20, 30, 20, 30)
+    assert _dedupe([big, small], [0.9, 0.8], [0, 1]) == [0, 1]
+    # ... while of the same label, the small mask lies wholly inside the big one: a part of it.
+    assert _dedupe([big, small], [0.9, 0.8], [0, 0]) == [0]
+
+
+def test_touching_objects_stay_two():
+    left, right = _box_mask(10, 40, 10, 40), _box_mask(10, 40, 40, 70)
+    assert _dedupe([left, right], [0.9, 0.8], [0, 0]) == [0, 1]
+
+
+def test_part_inside_whole_of_the_same_label_is_one():
+    whole = _box_mask(10, 50, 10, 50)
+    part = _box_mask(10, 50, 10, 25)  # 3/8 of the whole: IoU below nms_iou, yet wholly inside it
+    assert _dedupe([part, whole], [0.95, 0.9], [2, 2]) == [0]  # the part scored higher: kept, whole looser
+    assert _dedupe([whole, part], [0.95, 0.9], [2, 2]) == [0]
+    # An object split into two kept parts: the mask covering both replaces them, though it scored lower.
+    other_half = _box_mask(10, 50, 25, 50)
+    assert _dedupe([part, other_half, whole], [0.95, 0.93, 0.9], [2, 2, 2]) == [2]
+
+
+def test_lower_scoring_copy_with_high_iou_is_dropped_across_labels():
+    a, shifted = _box_mask(10, 30, 10, 40), _box_mask(10, 30, 12, 42)  # IoU 28/32 = 0.875
+    assert _dedupe([a, shifted], [0.8, 0.9], [0, 1]) == [1]
+    assert _dedupe([a, shifted], [0.8, 0.9], [0, 1], nms_iou=0.9) == [1, 0]
+
+
+def test_edge_slivers():
+    assert is_edge_sliver(_box_mask(0, 60, 0, 2), 0.03)  # 2 px along the left border of an 80 px wide image
+    assert is_edge_sliver(_box_mask(58, 60, 10, 70), 0.05)  # along the bottom
+    assert not is_edge_sliver(_box_mask(0, 60, 0, 10), 0.03)  # an object cut by the border
+    assert not is_edge_sliver(_box_mask(10, 12, 10, 70), 0.05)  # thin, but away from the borders
+    assert not is_edge_sliver(np.zeros((60, 80), bool), 0.03)
+
+
+def test_prompt_support_counts_agreeing_prompts():
+    obj = torch.zeros(16, 16, dtype=torch.bool)
+    obj[0:8, 0:8] = True  # a quarter of the image: of 8 prompts, 2 are expected inside it
+    blob = torch.zeros(16, 16, dtype=torch.bool)
+    blob[8:16, 8:16] = True
+    others = [torch.roll(blob, shifts=(0, -k), dims=(0, 1)) for k in range(2, 8)]  # six different blobs
+    grid = torch.stack([obj, obj, obj, blob] + others[:4])
+    support = prompt_support(torch.stack([obj, blob]), grid, 0.8)
+    assert support.tolist() == [1.5, 0.5]  # 3 of 2 expected votes; 1 of 2 (the others overlap it too little)

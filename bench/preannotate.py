@@ -1,0 +1,277 @@
+"""Pre-annotation: is it worth keeping, and how fast is it?
+
+Quality (issue 22 item 1), on held-out synthetic images (``bench/loop.py``'s: data seed + 1000, the demo model's
+own label names), with the model's automatic mode as the backend runs it (``AutomaticConfig`` from the same
+settings, regions below ``PREANNOTATION_THRESHOLD`` dropped):
+
+- precision and recall at IoU 0.5 (class-aware, ``training.metrics.match_detections``) and the share of regions an
+  annotator would accept unchanged (right label, IoU >= 0.85);
+- the click ceiling on the same images with the same model: the share of objects that one positive click at the
+  object's centre segments at IoU >= 0.5 (and with the right label too), and recall / ceiling;
+- duplicates: region pairs of one image with mask IoU >= 0.8, and the largest such IoU.
+
+Throughput: model only, images/s for encode + automatic mode (no image decoding, no RLE, no HTTP). The end-to-end
+paths (server, bulk command) can be added as further ``measure_*`` functions reported beside it.
+
+    .venv/bin/python bench/preannotate.py [--model labelstudio_backend/default_model/ovsam_demo.safetensors]
+        [--seeds 7,8,9] [--images 30] [--threshold 0.5] [--config '{"points_per_side": 16}'] [--repeats 1]
+        [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_MODEL = REPO / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
+DUPLICATE_IOU = 0.8
+TARGET_PRECISION, TARGET_RECALL_SHARE = 0.90, 0.90
+
+
+@dataclass
+class Sample:
+    """One synthetic image with its ground truth."""
+
+    image: np.ndarray  # [H, W, 3] uint8
+    masks: list[np.ndarray]
+    labels: list[str]
+
+
+def held_out_seed(seed: int) -> int:
+    """The generator seed of a data seed's held-out images (as ``bench/loop.py``)."""
+    return seed + 1000
+
+
+def make_samples(out: Path, n: int, seed: int) -> list[Sample]:
+    """`python -m training synth` with the demo model's own class names, read back as arrays."""
+    from PIL import Image
+    from training.data.brush import decode_brush
+    from training.synth import SynthConfig, write_dataset
+
+    write_dataset(SynthConfig(out=out, num_images=n, seed=seed), progress=False)
+    samples = []
+    for raw in json.loads((out / "tasks.json").read_text()):
+        result = raw["annotations"][0]["result"]
+        w, h = result[0]["original_width"], result[0]["original_height"]
+        image = np.asarray(Image.open(out / "images" / Path(raw["data"]["image"]).name).convert("RGB"))
+        samples.append(Sample(image, [decode_brush(r["value"]["rle"], w, h) for r in result],
+                              [r["value"]["brushlabels"][0] for r in result]))
+    return samples
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def click_ceiling(predictor: Any, samples: Sequence[Sample]) -> dict[str, int]:
+    """Objects one click at their centre segments at IoU >= 0.5 (`segmented`), and also names right (`named`)."""
+    from training.data.prompts import center_point
+    from training.metrics import mask_iou
+
+    segmented = named = 0
+    for s in samples:
+        features = predictor.set_image(s.image)
+        for gt, label in zip(s.masks, s.labels):
+            x, y = center_point(gt)
+            pred = predictor.predict(np.array([[x + 0.5, y + 0.5]]), np.array([1]), features=features)
+            ok = mask_iou(gt, pred.mask) >= 0.5
+            segmented += int(ok)
+            named += int(ok and pred.label == label)
+    return {"clicks_segmented": segmented, "clicks_named": named}
+
+
+def duplicate_pairs(masks: Sequence[np.ndarray], iou: float = DUPLICATE_IOU) -> tuple[int, float]:
+    """Pairs of one image's regions with mask IoU >= `iou`, and the largest IoU between two regions."""
+    from training.metrics import mask_iou_matrix
+
+    if len(masks) < 2:
+        return 0, 0.0
+    m = mask_iou_matrix(np.stack(masks), np.stack(masks))
+    upper = m[np.triu_indices(len(masks), k=1)]
+    return int((upper >= iou).sum()), float(upper.max())
+
+
+def preannotation_counts(generate: Callable[[np.ndarray], list[Any]], samples: Sequence[Sample],
+                         threshold: float) -> dict[str, Any]:
+    """Automatic mode on every sample, regions below `threshold` dropped as the backend does, matched to the GT."""
+    from training.metrics import DetectionCounts, match_detections
+
+    counts, pairs, worst, most = DetectionCounts(), 0, 0.0, 0
+    for s in samples:
+        regions = [i for i in generate(s.image) if i.probability >= threshold]
+        masks = [i.mask for i in regions]
+        predicted = np.stack(masks) if masks else np.zeros((0, *s.image.shape[:2]), bool)
+        counts = counts + match_detections(np.stack(s.masks), s.labels, predicted, [i.label for i in regions],
+                                           [i.score for i in regions])
+        n, top = duplicate_pairs(masks)
+        pairs, worst, most = pairs + n, max(worst, top), max(most, len(regions))
+    return {"regions": counts.num_pred, "objects": counts.num_gt, "true_positives": counts.true_positives,
+            "accepted": counts.accepted, "duplicate_pairs": pairs, "max_pair_iou": worst,
+            "max_regions_per_image": most}
+
+
+def measure_quality(artifact: Any, config: Any, samples: Sequence[Sample], threshold: float) -> dict[str, Any]:
+    """Pre-annotation counts and the click ceiling's on the same images with the same model."""
+    from ovsam.automatic import AutomaticMaskGenerator
+    from ovsam.predictor import OVSAMPredictor
+
+    predictor = OVSAMPredictor(artifact.model, artifact.vocabulary, device="cpu")
+    generator = AutomaticMaskGenerator(predictor, config)
+    counts = preannotation_counts(lambda img: generator.generate(predictor.set_image(img)), samples, threshold)
+    return {**counts, **click_ceiling(predictor, samples)}
+
+
+def add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two seeds' counts together (largest values for the maxima)."""
+    return {k: max(a[k], b[k]) if k.startswith("max_") else a[k] + b[k] for k in a}
+
+
+def summarise(c: dict[str, Any]) -> dict[str, Any]:
+    """The figures of issue 22 item 1 from the counts."""
+    ratio = lambda x, y: x / y if y else 1.0  # noqa: E731
+    out = dict(c)
+    out["precision"] = ratio(c["true_positives"], c["regions"])
+    out["recall"] = ratio(c["true_positives"], c["objects"])
+    out["accepted_share"] = ratio(c["accepted"], c["regions"])
+    out["click_ceiling"] = ratio(c["clicks_segmented"], c["objects"])
+    out["click_ceiling_named"] = ratio(c["clicks_named"], c["objects"])
+    out["recall_over_ceiling"] = ratio(out["recall"], out["click_ceiling"])
+    out["recall_over_named_ceiling"] = ratio(out["recall"], out["click_ceiling_named"])
+    return out
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def measure_model_throughput(artifact: Any, config: Any, samples: Sequence[Sample], device: str,
+                             repeats: int) -> dict[str, Any]:
+    """Images/s for encode + automatic mode alone: every image encoded afresh (cache keys made unique)."""
+    import torch
+
+    from ovsam.automatic import AutomaticMaskGenerator
+    from ovsam.predictor import OVSAMPredictor
+
+    predictor = OVSAMPredictor(artifact.model, artifact.vocabulary, device=device, cache_bytes=0)
+    generator = AutomaticMaskGenerator(predictor, config)
+    generator.generate(predictor.set_image(samples[0].image, key="warmup"))
+
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    start = time.perf_counter()
+    for r in range(repeats):
+        for i, s in enumerate(samples):
+            generator.generate(predictor.set_image(s.image, key=f"{r}-{i}"))
+    sync()
+    seconds = time.perf_counter() - start
+    n = repeats * len(samples)
+    return {"model_images_per_s": n / seconds, "model_seconds": seconds, "model_images": n}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_config(overrides: dict[str, Any]) -> Any:
+    from ovsam.automatic import AutomaticConfig
+
+    names = {f.name for f in dataclasses.fields(AutomaticConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise SystemExit(f"unknown AutomaticConfig fields: {sorted(unknown)}; known: {sorted(names)}")
+    return AutomaticConfig(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--seeds", default="7,8,9", help="data seeds; images are drawn at seed + 1000 (held out)")
+    p.add_argument("--images", type=int, default=30, help="images per seed")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="PREANNOTATION_THRESHOLD (default: the config's confidence_threshold)")
+    p.add_argument("--config", default="{}", help="AutomaticConfig overrides as JSON")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=1, help="passes over the images for throughput")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from ovsam.checkpoint import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = build_config(json.loads(args.config))
+    threshold = config.confidence_threshold if args.threshold is None else args.threshold
+    artifact = load_model(args.model, "cpu")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    record: dict[str, Any] = {
+        "bench": "preannotate", "model": artifact.version, "seeds": seeds,
+        "image_seeds": [held_out_seed(s) for s in seeds], "images_per_seed": args.images, "threshold": threshold,
+        "config": dataclasses.asdict(config), "device": args.device, "torch": torch.__version__,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "load_start": os.getloadavg()[0], "per_seed": {},
+    }
+    all_samples: list[Sample] = []
+    total: dict[str, Any] | None = None
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-preannotate-") as tmp:
+        for seed in seeds:
+            samples = make_samples(Path(tmp) / str(seed), args.images, held_out_seed(seed))
+            all_samples += samples
+            counts = measure_quality(artifact, config, samples, threshold)
+            record["per_seed"][seed] = summarise(counts)
+            total = counts if total is None else add_counts(total, counts)
+    record["quality"] = summarise(total or {})
+    record["quality_seconds"] = time.perf_counter() - started
+    if not args.skip_throughput:
+        record["throughput"] = measure_model_throughput(artifact, config, all_samples, args.device, args.repeats)
+    record["load_end"] = os.getloadavg()[0]
+    q = record["quality"]
+    record["targets_met"] = {
+        "precision": q["precision"] >= TARGET_PRECISION,
+        "recall_over_ceiling": q["recall_over_ceiling"] >= TARGET_RECALL_SHARE,
+        "no_duplicates": q["duplicate_pairs"] == 0,
+    }
+    print_table(record)
+    line = json.dumps(record)
+    if args.json:
+        args.json.write_text(line + "\n")
+    print(line)
+    return 0
+
+
+def print_table(record: dict[str, Any]) -> None:
+    cols = ("precision", "recall", "click_ceiling", "recall_over_ceiling", "accepted_share", "duplicate_pairs",
+            "max_pair_iou", "regions", "objects")
+    print(f"model {record['model']}, images {record['images_per_seed']} per seed at seeds "
+          f"{record['image_seeds']}, threshold {record['threshold']}")
+    print("seed  " + "  ".join(f"{c:>12.12}" for c in cols))
+    rows = [(str(k), v) for k, v in record["per_seed"].items()] + [("all", record["quality"])]
+    for name, q in rows:
+        print(f"{name:<5} " + "  ".join(f"{q[c]:>12.3f}" if isinstance(q[c], float) else f"{q[c]:>12}" for c in cols))
+    if "throughput" in record:
+        t = record["throughput"]
+        print(f"model only (encode + automatic mode): {t['model_images_per_s']:.2f} images/s "
+              f"({t['model_images']} images, {t['model_seconds']:.1f} s, {record['device']})")
+    print("targets met:", record["targets_met"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
