@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("training.synth", "main_synth", "generate a synthetic labelled data set of shapes"),
-    "finetune": ("training.finetune", "main_finetune", "fine-tune the CLIP2SAM head on an export or COCO file"),
-    "evaluate": ("training.evaluate", "main_evaluate", "mask IoU and accuracy with GT box / centre-point prompts"),
+    "finetune": ("training.finetune_cli", "main_finetune", "fine-tune the CLIP2SAM head on an export or COCO file"),
+    "evaluate": ("training.evaluate_cli", "main_evaluate", "mask IoU and accuracy with GT box / centre-point prompts"),
     "vocab": ("training.vocab_cli", "main_vocab", "text embeddings of a label set with a model's text tower"),
     "dump-sam-features": ("training.dump_features", "main_dump_sam_features", "SAM image embeddings for distillation"),
     "distill": ("training.distill", "main_distill", "SAM2CLIP: distil SAM's image encoder into the neck"),
