@@ -18,8 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "finetune": ("training.finetune_cli", "main_finetune", "fine-tune the CLIP2SAM head on an export or COCO file"),
     "evaluate": ("training.evaluate_cli", "main_evaluate", "mask IoU and accuracy with GT box / centre-point prompts"),
     "vocab": ("training.vocab_cli", "main_vocab", "text embeddings of a label set with a model's text tower"),
-    "dump-sam-features": ("training.dump_features", "main_dump_sam_features", "SAM image embeddings for distillation"),
-    "distill": ("training.distill", "main_distill", "SAM2CLIP: distil SAM's image encoder into the neck"),
+    "dump-sam-features": ("training.dump_features_cli", "main_dump_sam_features", "SAM image embeddings for distillation"),
+    "distill": ("training.distill_cli", "main_distill", "SAM2CLIP: distil SAM's image encoder into the neck"),
     "demo-model": ("training.demo_model", "main_demo_model", "reproduce the offline demo model (synthetic data, from scratch)"),
 }
 
