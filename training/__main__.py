@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "synth": ("training.synth", "main_synth", "generate a synthetic labelled data set of shapes"),
+    "synth": ("training.synth_cli", "main_synth", "generate a synthetic labelled data set of shapes"),
     "finetune": ("training.finetune_cli", "main_finetune", "fine-tune the CLIP2SAM head on an export or COCO file"),
     "evaluate": ("training.evaluate_cli", "main_evaluate", "mask IoU and accuracy with GT box / centre-point prompts"),
     "vocab": ("training.vocab_cli", "main_vocab", "text embeddings of a label set with a model's text tower"),
