@@ -3,7 +3,9 @@
 Commands are registered by name -> (module, function, one-line help) and imported only when
 run, so `--help` is instant and one command's heavy imports never slow another. A command's
 function takes the remaining argv and returns an exit code; it builds its own argparse parser,
-so `python -m training <command> --help` shows that command's options.
+so `python -m training <command> --help` shows that command's options. The registered modules
+are the commands' torch-free command lines (`*_cli`), which import the command's code only once
+its arguments parse, so a command's `--help` and argument errors are instant too.
 """
 
 from __future__ import annotations
