@@ -3,7 +3,9 @@
 Commands are registered by name -> (module, function, one-line help) and imported only when
 run, so `--help` is instant and one command's heavy imports never slow another. A command's
 function takes the remaining argv and returns an exit code; it builds its own argparse parser,
-so `python -m training <command> --help` shows that command's options.
+so `python -m training <command> --help` shows that command's options. The registered modules
+are the commands' torch-free command lines (`*_cli`), which import the command's code only once
+its arguments parse, so a command's `--help` and argument errors are instant too.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "synth": ("training.synth", "main_synth", "generate a synthetic labelled data set of shapes"),
-    "finetune": ("training.finetune", "main_finetune", "fine-tune the CLIP2SAM head on an export or COCO file"),
-    "evaluate": ("training.evaluate", "main_evaluate", "mask IoU and accuracy with GT box / centre-point prompts"),
+    "synth": ("training.synth_cli", "main_synth", "generate a synthetic labelled data set of shapes"),
+    "finetune": ("training.finetune_cli", "main_finetune", "fine-tune the CLIP2SAM head on an export or COCO file"),
+    "evaluate": ("training.evaluate_cli", "main_evaluate", "mask IoU and accuracy with GT box / centre-point prompts"),
     "vocab": ("training.vocab_cli", "main_vocab", "text embeddings of a label set with a model's text tower"),
-    "dump-sam-features": ("training.dump_features", "main_dump_sam_features", "SAM image embeddings for distillation"),
-    "distill": ("training.distill", "main_distill", "SAM2CLIP: distil SAM's image encoder into the neck"),
+    "dump-sam-features": ("training.dump_features_cli", "main_dump_sam_features", "SAM image embeddings for distillation"),
+    "distill": ("training.distill_cli", "main_distill", "SAM2CLIP: distil SAM's image encoder into the neck"),
     "demo-model": ("training.demo_model", "main_demo_model", "reproduce the offline demo model (synthetic data, from scratch)"),
 }
 

@@ -10,13 +10,10 @@ mask decoder), and is written as a full model artifact.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import sys
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -36,48 +33,11 @@ from training.distributed import (RunLogger, ShardedSampler, all_reduce_sum, bar
 from training.dump_features import list_images, read_rgb
 from training.optim import (build_adamw, default_warmup, load_training_state, no_decay_layernorm, param_groups,
                             rng_states, save_training_state, seed_everything, set_rng_states, warmup_cosine)
+# The configuration and the command line live in torch-free modules (a fast `--help`); still importable from here.
+from training.distill_cli import build_parser, main_distill  # noqa: F401
+from training.distill_config import DistillConfig
 
 CHECKPOINT = "checkpoints/last.pt"
-
-
-@dataclass
-class DistillConfig:
-    images: List[str]
-    features: str
-    out: str  # the artifact to write
-    base: Optional[str] = None
-    config: Optional[str] = None
-    work_dir: Optional[str] = None  # checkpoints and logs (default: <out without suffix>.run/)
-    clip: Optional[str] = None  # open_clip weights for --config (file or tag; default the config's)
-    sam_checkpoint: Optional[str] = None
-    labels: Tuple[str, ...] = ("object",)
-    recursive: bool = False
-    val_fraction: float = 0.0
-    epochs: int = 24
-    max_steps: Optional[int] = None
-    batch_size: int = 2
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_steps: Optional[int] = None
-    final_factor: float = 0.01
-    max_norm: Optional[float] = 5.0
-    seed: int = 0
-    device: Optional[str] = None
-    amp: bool = True
-    workers: int = 0
-    resume: bool = False
-    progress: bool = True
-    tensorboard: bool = True
-    version: Optional[str] = None
-    command: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if (self.base is None) == (self.config is None):
-            raise ValueError("give exactly one of --base (artifact) or --config (preset name)")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path(self.out).with_suffix(".run")
 
 
 class FeaturePairs(Dataset):
@@ -292,55 +252,3 @@ def _val_mse(model: OVSAM, pairs: list, dataset: FeaturePairs, dev: torch.device
         x, t = held[i]
         total += float(F.mse_loss(model.neck(model.trunk(x[None].to(dev))).float()[0], t.to(dev)))
     return total / max(1, len(held))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = DistillConfig(images=[], features="", out="", config="tiny")
-    p = argparse.ArgumentParser(prog="python -m training distill",
-                                description="SAM2CLIP distillation: train the neck on dumped SAM embeddings. "
-                                            "Multi-GPU: the same command under torchrun.")
-    p.add_argument("--images", required=True, nargs="+", help="image folder(s)")
-    p.add_argument("--features", required=True, help="folder of <stem>.pt SAM embeddings (dump-sam-features)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--base", help="start from this model artifact")
-    src.add_argument("--config", help="start from a preset (rn50x16, rn50, ..., tiny); trunk from open_clip weights")
-    p.add_argument("--out", required=True, help="model artifact to write")
-    p.add_argument("--work-dir", help="checkpoints and logs (default <out>.run/)")
-    p.add_argument("--clip", help="open_clip weights (file or pretrained tag) for --config")
-    p.add_argument("--sam-checkpoint", help="SAM checkpoint: pos_embed (and with --config: prompt encoder, mask decoder)")
-    p.add_argument("--labels", default="object", help="vocabulary stored with a --config model")
-    p.add_argument("--recursive", action="store_true")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="images held out for a final MSE")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per process")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, help="default: min(500, 10%% of the run)")
-    p.add_argument("--max-norm", type=float, default=d.max_norm)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device")
-    p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--version")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-tensorboard", action="store_true")
-    return p
-
-
-def main_distill(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = build_parser().parse_args(argv)
-    cfg = DistillConfig(
-        images=a.images, features=a.features, out=a.out, base=a.base, config=a.config, work_dir=a.work_dir, clip=a.clip,
-        sam_checkpoint=a.sam_checkpoint, labels=tuple(s.strip() for s in a.labels.split(",") if s.strip()),
-        recursive=a.recursive, val_fraction=a.val_fraction, epochs=a.epochs, max_steps=a.max_steps,
-        batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
-        max_norm=a.max_norm or None, seed=a.seed, device=a.device, amp=not a.no_amp, workers=a.workers,
-        resume=a.resume, progress=not a.no_progress, tensorboard=not a.no_tensorboard, version=a.version,
-        command="python -m training distill " + " ".join(argv))
-    summary = distill(cfg)
-    if summary:  # rank 0
-        print(json.dumps(summary))
-    return 0

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from torch import nn
 
 from ovsam.config import PIXEL_MEAN, PIXEL_STD
 from ovsam.transforms import ImageFrame, resize_and_normalize, validate_image
+# The command line lives in a torch-free module (a fast `--help`); still importable from here.
+from training.dump_features_cli import build_parser, main_dump_sam_features  # noqa: F401
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -92,22 +94,8 @@ def dump_features(encoder: nn.Module, images: Sequence[Path], out_dir: Path, dev
     return {"written": written, "skipped": skipped}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training dump-sam-features",
-                                description="Dump SAM image embeddings (fp16 <stem>.pt per image) for SAM2CLIP distillation.")
-    p.add_argument("--sam-checkpoint", required=True, help="official SAM checkpoint, e.g. sam_vit_h_4b8939.pth")
-    p.add_argument("--model-type", default="vit_h", choices=("vit_h", "vit_l", "vit_b"))
-    p.add_argument("--images", required=True, nargs="+", help="image folder(s)")
-    p.add_argument("--recursive", action="store_true", help="also images in sub-folders (stems must stay unique)")
-    p.add_argument("--out", required=True, type=Path, help="flat output folder")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: DEVICE or the local GPU)")
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main_dump_sam_features(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_dump_sam_features(args: argparse.Namespace) -> int:
+    """`python -m training dump-sam-features` once its arguments (`training.dump_features_cli`) have parsed."""
     from training.distributed import cleanup_distributed, init_distributed, shard
 
     info = init_distributed(args.device)

@@ -29,8 +29,8 @@ from training.data.prompts import center_point
 from training.data.types import Sample, SkipReport
 from training.gate import combined_score
 from training.metrics import InstanceEvaluation
-
-PROMPT_MODES = ("box", "center")
+# The command line lives in a torch-free module (a fast `--help`); still importable from here.
+from training.evaluate_cli import PRECISIONS, PROMPT_MODES, build_parser, main_evaluate  # noqa: F401
 
 
 def center_prompt(mask: np.ndarray, frame: ImageFrame) -> np.ndarray:
@@ -139,9 +139,6 @@ def evaluate_predictor(
     })
     metrics["score"] = combined_score(metrics)
     return EvaluationResult(metrics, ious, examples)
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def evaluate_model(model, vocabulary: Vocabulary, samples: Sequence[Sample], images: Any,
@@ -295,40 +292,6 @@ def write_report(result: EvaluationResult, out_dir: Path, title: str = "OVSAM ev
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training evaluate",
-                                description="Per-instance mask IoU and classification accuracy with GT prompts (spec §4).")
-    p.add_argument("--model", required=True, help="model artifact (or official weights directory)")
-    p.add_argument("--data", required=True, help="Label Studio export JSON or COCO instances JSON")
-    p.add_argument("--image-root", help="folder image paths are relative to (default: next to --data)")
-    p.add_argument("--prompt", choices=("box", "center", "both"), default="both")
-    p.add_argument("--base-labels", help="comma-separated base classes; the others are reported as novel")
-    p.add_argument("--labels", help="comma-separated vocabulary (default: --label-config, else the data's labels)")
-    p.add_argument("--label-config", help="Label Studio label config (XML file) giving the vocabulary")
-    p.add_argument("--split", choices=("all", "val", "train"), default="all",
-                   help="evaluate only the held-out part of the data (the same task split as finetune)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--clip-roi-boxes", choices=("pred_mask_box", "prompt_box", "faithful"),
-                   help="override the model's CLIP-branch RoI rule (faithful = the reference's bug B1)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 as the reference evaluates (default), or bf16 autocast on CUDA as the backend serves")
-    p.add_argument("--reference-vocabulary", choices=("coco", "lvis"),
-                   help="classify as the paper's evaluation: coco = the reference's 80 class texts, 48 base / 17 novel, "
-                        "the other 15 classes fused then excluded, only the 65 classes' instances scored; lvis = the "
-                        "data's categories cleaned by the reference's rule, common+frequent base, rare novel, head RoIs "
-                        "7x7 (the reference's LVIS config)")
-    p.add_argument("--head-roi-size", type=int, help="override the head's RoIAlign size (default: the model's; 7 with "
-                                                    "--reference-vocabulary lvis)")
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--examples", type=int, default=8, help="images in the overlay figure")
-    p.add_argument("--device")
-    p.add_argument("--cache-dir", type=Path, help="text-embedding cache")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
 def reference_classes(kind: str, data_path: Optional[str]) -> ReferenceVocabulary:
     """The reference's COCO classes (its texts and 48/17/15 split), or LVIS's from an LVIS annotation file."""
     from ovsam.class_texts import coco_reference_vocabulary, lvis_reference_vocabulary
@@ -373,8 +336,8 @@ def reference_vocabulary(artifact, kind: str, data_path: str, samples: Sequence[
     return vocab, list(ref.novel), kept
 
 
-def main_evaluate(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_evaluation(args: argparse.Namespace) -> int:
+    """`python -m training evaluate` once its arguments (`training.evaluate_cli.build_parser`) have parsed."""
     from training.data.split import split_by_task
     from training.dataset import load_training_data, make_image_source, read_label_config
     from training.distributed import pick_device

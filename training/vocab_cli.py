@@ -3,6 +3,9 @@
 Fine-tuning, evaluation and the gate must classify against the same text prototypes the backend will
 use for a project, so they all build them here: from the model's own text tower, with the project's
 labels and `predicted_values` synonyms, reusing the artifact's stored embeddings when they match.
+
+torch and the model code are imported inside the functions that use them, so that the command's
+`--help`, argument errors and `split_labels` (the other commands' parsers use it) stay instant.
 """
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ovsam.artifact import ModelArtifact
-from ovsam.vocabulary import Vocabulary, VocabularyBuilder, normalise_synonyms
+    from ovsam.artifact import ModelArtifact
+    from ovsam.vocabulary import Vocabulary
 
 
 def load_model_any(path: str | Path, device: str | torch.device = "cpu") -> ModelArtifact:
@@ -38,6 +42,8 @@ def project_vocabulary(
     synonyms (no text tower needed, e.g. offline official weights); otherwise they are embedded by the
     artifact's text tower.
     """
+    from ovsam.vocabulary import VocabularyBuilder, normalise_synonyms
+
     labels = list(labels)
     groups = normalise_synonyms(labels, synonyms)
     stored = artifact.vocabulary
@@ -71,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_vocab(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    from ovsam.vocabulary import VocabularyBuilder
     from training.dataset import labels_from_config, read_label_config
 
     artifact = load_model_any(args.model, device="cpu")

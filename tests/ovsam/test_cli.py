@@ -19,6 +19,7 @@ from ovsam import cli
 from ovsam.cli import main
 from ovsam.text import TextEncoder
 from ovsam.vocabulary import VocabularyBuilder
+from training.__main__ import COMMANDS as TRAINING_COMMANDS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,24 +128,42 @@ def test_predict_without_checkpoint_uses_the_backends_default_model(tmp_path, im
     assert "default demo model" in capsys.readouterr().out
 
 
-HEAVY_MODULES = ("torch", "torchvision", "open_clip", "segment_anything", "cv2", "fastapi", "uvicorn")
+HEAVY_MODULES = ("torch", "torchvision", "open_clip", "segment_anything", "cv2", "pycocotools", "matplotlib",
+                 "tensorboard", "ovsam.model", "fastapi", "uvicorn")
+HELP_COMMANDS = [("ovsam", []), ("training", []), ("labelstudio_backend", []),
+                 *(("training", [command]) for command in TRAINING_COMMANDS)]
 
 
-@pytest.mark.parametrize("module", ["ovsam", "training", "labelstudio_backend"])
-def test_top_level_help_imports_nothing_heavy(module, tmp_path):
-    """`--help` answers at once (well under 2 s) because it loads no torch/open_clip/server stack."""
+def _heavy_imports(module: str, args: list, tmp_path: Path) -> tuple[subprocess.CompletedProcess, str]:
+    """Run `python -m <module> <args>` in a fresh interpreter; its output, and the heavy modules it imported."""
     code = ("import runpy, sys\n"
-            f"sys.argv = [{module!r}, '--help']\n"
+            f"sys.argv = [{module!r}, *{args!r}]\n"
             "try:\n"
             f"    runpy.run_module({module!r}, run_name='__main__')\n"
             "except SystemExit as e:\n"
-            "    assert e.code in (0, None), e.code\n"
+            "    print('EXIT', e.code)\n"
             f"print('HEAVY', sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "usage:" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
+    return result, result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("module, args", HELP_COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_help_imports_nothing_heavy(module, args, tmp_path):
+    """`--help` answers at once (well under 2 s) because it loads no torch/open_clip/cv2/server stack: the
+    top-level helps and every `python -m training <command> --help`."""
+    result, heavy = _heavy_imports(module, [*args, "--help"], tmp_path)
+    assert "usage:" in result.stdout and "EXIT 0" in result.stdout
+    assert heavy == "HEAVY []"
+
+
+@pytest.mark.parametrize("command", TRAINING_COMMANDS)
+def test_training_argument_errors_import_nothing_heavy(command, tmp_path):
+    """A mistyped option is refused (exit 2) as fast as `--help`, before the command's heavy imports."""
+    result, heavy = _heavy_imports("training", [command, "--no-such-option"], tmp_path)
+    assert "EXIT 2" in result.stdout and f"python -m training {command}: error:" in result.stderr
+    assert heavy == "HEAVY []"
 
 
 def test_verify_reference_on_the_repository_golden_set(capsys):
