@@ -183,6 +183,22 @@ def measure_model_throughput(artifact: Any, config: Any, samples: Sequence[Sampl
     return {"model_images_per_s": n / seconds, "model_seconds": seconds, "model_images": n}
 
 
+def measure_end_to_end(model: Path, artifact: Any, config: Any, samples: Sequence[Sample], device: str,
+                       threshold: float, model_rate: float) -> dict[str, Any]:
+    """Server and bulk paths on the same images, with their ratio to the model-only rate (target >= 0.9)."""
+    from preannotate_paths import measure_bulk_path, measure_server_path
+
+    labels = "".join(f'<Label value="{label}"/>' for label in artifact.vocabulary.labels)
+    xml = f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}</BrushLabels></View>'
+    images = [s.image for s in samples]
+    auto = dataclasses.asdict(config)
+    out = {**measure_server_path(model, images, xml, device, auto, threshold),
+           **measure_bulk_path(model, images, xml, device, auto, threshold)}
+    out["server_over_model"] = out["server_images_per_s"] / model_rate
+    out["bulk_over_model"] = out["bulk_images_per_s"] / model_rate
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -207,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=1, help="passes over the images for throughput")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="also the server path (HTTP batch to the backend process) and the bulk path (iter_predictions "
+                        "+ posting), on the same images (bench/preannotate_paths.py)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -242,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     record["quality_seconds"] = time.perf_counter() - started
     if not args.skip_throughput:
         record["throughput"] = measure_model_throughput(artifact, config, all_samples, args.device, args.repeats)
+        if args.end_to_end:
+            record["throughput"].update(measure_end_to_end(args.model, artifact, config, all_samples, args.device,
+                                                           threshold, record["throughput"]["model_images_per_s"]))
     record["load_end"] = os.getloadavg()[0]
     q = record["quality"]
     record["targets_met"] = {
@@ -270,6 +292,10 @@ def print_table(record: dict[str, Any]) -> None:
         t = record["throughput"]
         print(f"model only (encode + automatic mode): {t['model_images_per_s']:.2f} images/s "
               f"({t['model_images']} images, {t['model_seconds']:.1f} s, {record['device']})")
+        if "server_images_per_s" in t:
+            print(f"server path (HTTP batch): {t['server_images_per_s']:.2f} images/s = x{t['server_over_model']:.2f} "
+                  f"model only; bulk path: {t['bulk_images_per_s']:.2f} images/s = x{t['bulk_over_model']:.2f} "
+                  "(target >= 0.9)")
     print("targets met:", record["targets_met"])
 
 

@@ -1,0 +1,179 @@
+"""The end-to-end pre-annotation paths of ``bench/preannotate.py`` (issue 22 item 5), on the same images.
+
+- **server**: the backend as its own process (``python -m labelstudio_backend``), one Retrieve-Predictions
+  ``/predict`` request with every image as a task (``PREDICT_BATCH_BUDGET_S=0``: all answered in the request),
+  images served by a stand-in for Label Studio's ``/data/upload``: download, decode, encode, automatic mode,
+  regions with brush RLE, JSON.
+- **bulk**: what ``python -m labelstudio_backend preannotate`` and the background prediction jobs run,
+  ``OVSAMBackend.iter_predictions`` (images downloading while the model works) and ``post_prediction`` to the
+  stand-in's ``/api/predictions/``, in this process.
+
+Both report images/s, to be compared with the model-only figure of the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "backend" / "fixtures" / "label_studio"
+TOKEN = "bench-token"
+
+
+class FakeLabelStudio:
+    """Serves ``/data/upload`` images and stores ``POST /api/predictions/``, checking the token as Label Studio does."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.posted = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body = fake.files.get(self.path) if self.headers.get("Authorization") == f"Token {TOKEN}" else None
+                self._answer(200 if body is not None else 404, body or b"")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                ok = self.headers.get("Authorization") == f"Token {TOKEN}" and self.path == "/api/predictions/"
+                fake.posted += ok
+                self._answer(201 if ok else 401, b"{}")
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add_images(self, images: Sequence[np.ndarray]) -> list[str]:
+        from PIL import Image
+
+        paths = []
+        for i, image in enumerate(images):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            path = f"/data/upload/1/bench-{i}.png"
+            self.files[path] = buf.getvalue()
+            paths.append(path)
+        return paths
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _batch_body(paths: Sequence[str], label_config: str) -> dict[str, Any]:
+    template = json.loads((FIXTURES / "predict_batch.json").read_text())["body"]
+    body = copy.deepcopy(template)
+    task = body["tasks"][0]
+    body["tasks"] = [{**copy.deepcopy(task), "id": 1000 + i, "data": {"image": p}} for i, p in enumerate(paths)]
+    body["label_config"] = label_config
+    return body
+
+
+def backend_env(model: Path, ls_url: str, workdir: Path, device: str, automatic: dict[str, Any],
+                threshold: float) -> dict[str, str]:
+    return {
+        "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN, "MODEL_DIR": str(workdir / "models"),
+        "OVSAM_CHECKPOINT": str(model), "DEVICE": device, "LOG_LEVEL": "WARNING",
+        "OVSAM_CACHE_DIR": str(workdir / "cache"), "PREDICT_BATCH_BUDGET_S": "0",
+        "PREANNOTATION_THRESHOLD": str(threshold),
+        "AUTO_POINTS_PER_SIDE": str(automatic["points_per_side"]),
+        "AUTO_STABILITY_THRESHOLD": str(automatic["stability_threshold"]),
+    }
+
+
+def measure_server_path(model: Path, images: Sequence[np.ndarray], label_config: str, device: str,
+                        automatic: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """Images/s through HTTP: one batch ``/predict`` request to the backend process."""
+    import httpx
+
+    from harness import BackendProcess
+
+    ls = FakeLabelStudio()
+    paths = ls.add_images(images)
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        server = BackendProcess(backend_env(model, ls.url, Path(tmp), device, automatic, threshold),
+                                Path(tmp) / "backend.log")
+        try:
+            with httpx.Client(base_url=server.url, timeout=3600) as http:
+                http.post("/predict", json=_batch_body(paths[:1], label_config)).raise_for_status()  # warm-up
+                # fresh images (the warm-up one is in the embedding cache): served under other names
+                fresh = ls.add_images([np.ascontiguousarray(im[:, ::-1]) for im in images])
+                start = time.perf_counter()
+                r = http.post("/predict", json=_batch_body(fresh, label_config))
+                seconds = time.perf_counter() - start
+                r.raise_for_status()
+                answered = sum(isinstance(x, dict) for x in r.json()["results"])
+        finally:
+            server.stop()
+            ls.close()
+    return {"server_images_per_s": answered / seconds, "server_seconds": seconds, "server_images": answered}
+
+
+def measure_bulk_path(model: Path, images: Sequence[np.ndarray], label_config: str, device: str,
+                      automatic: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """Images/s of the bulk path: iter_predictions (prefetching downloads) and a POST per prediction."""
+    import os
+
+    ls = FakeLabelStudio()
+    paths = ls.add_images(images)
+    with tempfile.TemporaryDirectory(prefix="bench-bulk-") as tmp:
+        env = backend_env(model, ls.url, Path(tmp), device, automatic, threshold)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            from labelstudio_backend.bulk import post_prediction
+            from labelstudio_backend.config import Settings
+            from labelstudio_backend.images import ImageLoader, ImageLoaderConfig
+            from labelstudio_backend.jobs import JobManager
+            from labelstudio_backend.metrics_log import Metrics
+            from labelstudio_backend.model import OVSAMBackend
+            from labelstudio_backend.registry import ModelRegistry
+            from labelstudio_backend.runtime import ModelRuntime
+
+            settings = Settings.from_env()
+            runtime = ModelRuntime(settings, ModelRegistry(settings.model_dir))
+            runtime.start()
+            loader = ImageLoader(ImageLoaderConfig.from_env())
+            backend = OVSAMBackend(settings, runtime, loader, JobManager(), Metrics())
+            schema = backend.schema(label_config)
+            warm = [{"id": 1, "data": {"image": paths[0]}, "project": 1}]
+            list(backend.iter_predictions(warm, schema))
+            fresh = ls.add_images([np.ascontiguousarray(im[::-1]) for im in images])
+            tasks = [{"id": 2000 + i, "data": {"image": p}, "project": 1} for i, p in enumerate(fresh)]
+            start = time.perf_counter()
+            posted = 0
+            for task, outcome in backend.iter_predictions(tasks, schema):
+                if not isinstance(outcome, Exception):
+                    post_prediction(loader, task["id"], outcome)
+                    posted += 1
+            seconds = time.perf_counter() - start
+            backend.close()
+            runtime.close()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            ls.close()
+    return {"bulk_images_per_s": posted / seconds, "bulk_seconds": seconds, "bulk_images": posted,
+            "bulk_posted": ls.posted}
