@@ -14,7 +14,7 @@ Throughput: model only, images/s for encode + automatic mode (no image decoding,
 paths (server, bulk command) can be added as further ``measure_*`` functions reported beside it.
 
     .venv/bin/python bench/preannotate.py [--model labelstudio_backend/default_model/ovsam_demo.safetensors]
-        [--seeds 7,8,9] [--images 30] [--threshold 0.5] [--config '{"points_per_side": 16}'] [--repeats 1]
+        [--seeds 7,8,9] [--tuning-seeds 21,22] [--images 30] [--threshold 0.5] [--config '{"points_per_side": 16}'] [--repeats 1]
         [--json PATH]
 """
 
@@ -216,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--seeds", default="7,8,9", help="data seeds; images are drawn at seed + 1000 (held out)")
+    p.add_argument("--tuning-seeds", default="",
+                   help="data seeds the defaults were tuned on (21,22), reported apart from --seeds for comparison")
     p.add_argument("--images", type=int, default=30, help="images per seed")
     p.add_argument("--threshold", type=float, default=None,
                    help="PREANNOTATION_THRESHOLD (default: the config's confidence_threshold)")
@@ -247,17 +249,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
         "load_start": os.getloadavg()[0], "per_seed": {},
     }
+    tuning = [int(s) for s in args.tuning_seeds.split(",") if s.strip()]
+    record["tuning_seeds"] = tuning
     all_samples: list[Sample] = []
-    total: dict[str, Any] | None = None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-preannotate-") as tmp:
-        for seed in seeds:
-            samples = make_samples(Path(tmp) / str(seed), args.images, held_out_seed(seed))
-            all_samples += samples
-            counts = measure_quality(artifact, config, samples, threshold)
-            record["per_seed"][seed] = summarise(counts)
-            total = counts if total is None else add_counts(total, counts)
-    record["quality"] = summarise(total or {})
+        for group, group_seeds in (("tuning", tuning), ("quality", seeds)):
+            total: dict[str, Any] | None = None
+            for seed in group_seeds:
+                samples = make_samples(Path(tmp) / str(seed), args.images, held_out_seed(seed))
+                if group == "quality":
+                    all_samples += samples
+                counts = measure_quality(artifact, config, samples, threshold)
+                record["per_seed"][seed] = summarise(counts)
+                total = counts if total is None else add_counts(total, counts)
+            if total is not None:
+                record[group] = summarise(total)
     record["quality_seconds"] = time.perf_counter() - started
     if not args.skip_throughput:
         record["throughput"] = measure_model_throughput(artifact, config, all_samples, args.device, args.repeats)
@@ -285,7 +292,9 @@ def print_table(record: dict[str, Any]) -> None:
     print(f"model {record['model']}, images {record['images_per_seed']} per seed at seeds "
           f"{record['image_seeds']}, threshold {record['threshold']}")
     print("seed  " + "  ".join(f"{c:>12.12}" for c in cols))
-    rows = [(str(k), v) for k, v in record["per_seed"].items()] + [("all", record["quality"])]
+    rows = [(str(k), v) for k, v in record["per_seed"].items()]
+    rows += [("tuned", record["tuning"])] if "tuning" in record else []
+    rows += [("held", record["quality"])]
     for name, q in rows:
         print(f"{name:<5} " + "  ".join(f"{q[c]:>12.3f}" if isinstance(q[c], float) else f"{q[c]:>12}" for c in cols))
     if "throughput" in record:

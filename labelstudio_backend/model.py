@@ -484,6 +484,7 @@ class OVSAMBackend:
             "max_instances": self.settings.preannotation_max_regions,
             "points_per_side": self.settings.auto_points_per_side,
             "stability_threshold": self.settings.auto_stability_threshold,
+            "min_support": self.settings.auto_min_support,
             "top_k": self.settings.top_k,
         }
         names = {f.name for f in dataclasses.fields(AutomaticConfig)}

@@ -10,9 +10,9 @@ seen in pre-annotation (issue 22):
   0.97, class confidence 0.80 — the recogniser names background confidently).
 - Duplicates are removed on the masks themselves (mask IoU on RLE, at the model's input resolution), not on boxes:
   one stray pixel far from the object makes a box useless for comparing two copies of the same mask.
-- A part lying mostly inside a kept mask of the same label is dropped (the whole is kept, whichever scored
-  higher); a small object of *another* label inside a big one is a nested object and stays, and so do touching
-  objects. Slivers along the image border are dropped.
+- A mask lying mostly inside a kept mask of the same label is a part of it and is dropped; an object split into
+  several kept parts is replaced by the mask covering them. A small object of *another* label inside a big one is
+  a nested object and stays, and so do touching objects. Slivers along the image border are dropped.
 """
 from __future__ import annotations
 
