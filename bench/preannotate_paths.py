@@ -97,6 +97,7 @@ def backend_env(model: Path, ls_url: str, workdir: Path, device: str, automatic:
         "PREANNOTATION_THRESHOLD": str(threshold),
         "AUTO_POINTS_PER_SIDE": str(automatic["points_per_side"]),
         "AUTO_STABILITY_THRESHOLD": str(automatic["stability_threshold"]),
+        "AUTO_MIN_SUPPORT": str(automatic.get("min_support", 0.5)),
     }
 
 
