@@ -52,6 +52,11 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
                             time (default 60; Label Studio waits 100 s) and, when Label
                             Studio's URL and key are known, posts the rest from a
                             background job (``/jobs``) through its API; 0 = no budget.
+``LEGACY_TRAIN``            ``true`` enables ``POST /train``, Label Studio's training call when
+                            its START_TRAINING webhook flag is off, whose body carries the
+                            annotations to train on; off by default (404): anyone reaching the
+                            backend could otherwise train and promote a model on annotations
+                            of their own. START_TRAINING exports them from Label Studio.
 ``MAX_LABELS``              most labels a project may have (default 2000); more is a 422
                             at /setup and /predict instead of minutes of text embedding.
 ``MAX_LABEL_CONFIG_KB``     largest label config accepted (default 1024).
@@ -153,6 +158,7 @@ class Settings:
     preannotate_workers: int = 2
     image_download_workers: int = 4
     predict_batch_budget_s: float = 60.0
+    legacy_train: bool = False
     max_labels: int = 2000
     max_label_config_kb: float = 1024.0
     vocabulary_wait_s: float = 20.0
@@ -208,6 +214,7 @@ class Settings:
             preannotate_workers=int(_number(env, "PREANNOTATE_WORKERS", 2, low=1, high=64)),
             image_download_workers=int(_number(env, "IMAGE_DOWNLOAD_WORKERS", 4, low=1, high=64)),
             predict_batch_budget_s=_number(env, "PREDICT_BATCH_BUDGET_S", 60.0, low=0.0),
+            legacy_train=_bool(env, "LEGACY_TRAIN", False),
             max_labels=int(_number(env, "MAX_LABELS", 2000, low=1)),
             max_label_config_kb=_number(env, "MAX_LABEL_CONFIG_KB", 1024.0, low=1.0),
             vocabulary_wait_s=_number(env, "VOCABULARY_WAIT_S", 20.0, low=0.0),

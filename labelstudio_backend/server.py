@@ -396,7 +396,14 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
 
     @app.post("/train")
     async def train(request: Request) -> dict[str, Any]:
-        """Label Studio's legacy training call (feature flag off): annotations come in the body."""
+        """Label Studio's legacy training call (feature flag off): annotations come in the body.
+
+        Off unless LEGACY_TRAIN=true: the annotations are whatever the caller sends, and the model it trains
+        would be promoted; START_TRAINING (the webhook) exports them from Label Studio instead.
+        """
+        if not settings.legacy_train:
+            raise RequestError(404, "POST /train is disabled (LEGACY_TRAIN=false): Label Studio 1.23 sends "
+                                    "START_TRAINING to /webhook; set LEGACY_TRAIN=true for older versions")
         data = await _read_json(request)
         tasks = data.get("annotations")
         project_id = project_id_of(data.get("project"))

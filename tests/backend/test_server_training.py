@@ -154,9 +154,18 @@ def test_one_training_job_per_project(client: Any, helpers: Any, monkeypatch: py
     assert third["status"] == "ok" and third["job"] != first["job"]
 
 
+def test_legacy_train_is_off_unless_enabled(client: Any, helpers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone reaching the backend could otherwise train (and promote) on annotations of their own."""
+    install_pipeline(monkeypatch, lambda *a, **k: pytest.fail("training must not run"))
+    r = client.post("/train", json=helpers.fixture_body("train_legacy"))
+    assert r.status_code == 404 and "LEGACY_TRAIN" in r.json()["errors"][0]
+    assert client.get("/jobs").json()["jobs"] == []
+
+
 def test_legacy_train_endpoint_uses_the_annotations_it_is_given(
-    client: Any, helpers: Any, monkeypatch: pytest.MonkeyPatch, fake_ls: Any
+    make_client: Any, helpers: Any, monkeypatch: pytest.MonkeyPatch, fake_ls: Any
 ) -> None:
+    client = make_client(LEGACY_TRAIN="true")
     seen: dict[str, Any] = {}
 
     def run_training_job(export_tasks, label_config, base_artifact_path, model_dir, project_id, on_progress):
