@@ -31,14 +31,16 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
                             even when the annotator picked another label on the smart
                             tool; ``false``: the annotator's label wins.
 ``PREANNOTATION_THRESHOLD`` minimum class confidence of an automatic-mode instance to
-                            become a pre-annotation region (default 0.5).
+                            become a pre-annotation region (default 0.7, tuned with the demo model
+                            on synthetic data, bench/README.md; lower it for a model whose
+                            class probabilities spread over many labels).
 ``PREANNOTATION_MAX_REGIONS``  most regions per task in pre-annotation (default 100).
 ``AUTO_POINTS_PER_SIDE``    point grid of automatic mode (default 16).
 ``AUTO_STABILITY_THRESHOLD``  minimum mask stability of an automatic-mode instance (as SAM's
                             ``stability_score_thresh``; default 0.7, tuned with the demo model,
                             whose masks are softer than SAM's; SAM itself uses 0.95).
 ``AUTO_MIN_SUPPORT``        share of the grid prompts inside a mask that must give the same mask
-                            for it to become a region (default 0.5; 0 turns the vote off).
+                            for it to become a region (default 0.6; 0 turns the vote off).
 ``EMBEDDING_CACHE_MB``      image-embedding cache size (default 1024).
 ``TOP_K``                   alternatives reported in a region's ``meta`` (default 5).
 ``PREDICT_WORKERS``         threads for interactive clicks (default 8); model work in
@@ -147,11 +149,11 @@ class Settings:
     basic_auth_pass: str | None = None
     log_level: str = "INFO"
     recognised_label_wins: bool = True
-    preannotation_threshold: float = 0.5
+    preannotation_threshold: float = 0.7
     preannotation_max_regions: int = 100
     auto_points_per_side: int = 16
     auto_stability_threshold: float = 0.7
-    auto_min_support: float = 0.5
+    auto_min_support: float = 0.6
     embedding_cache_mb: float = 1024.0
     top_k: int = 5
     predict_workers: int = 8
@@ -203,11 +205,11 @@ class Settings:
             basic_auth_pass=password,
             log_level=level,
             recognised_label_wins=_bool(env, "RECOGNISED_LABEL_WINS", True),
-            preannotation_threshold=_number(env, "PREANNOTATION_THRESHOLD", 0.5, low=0.0, high=1.0),
+            preannotation_threshold=_number(env, "PREANNOTATION_THRESHOLD", 0.7, low=0.0, high=1.0),
             preannotation_max_regions=int(_number(env, "PREANNOTATION_MAX_REGIONS", 100, low=1)),
             auto_points_per_side=int(_number(env, "AUTO_POINTS_PER_SIDE", 16, low=1, high=128)),
             auto_stability_threshold=_number(env, "AUTO_STABILITY_THRESHOLD", 0.7, low=0.0, high=1.0),
-            auto_min_support=_number(env, "AUTO_MIN_SUPPORT", 0.5, low=0.0, high=100.0),
+            auto_min_support=_number(env, "AUTO_MIN_SUPPORT", 0.6, low=0.0, high=100.0),
             embedding_cache_mb=_number(env, "EMBEDDING_CACHE_MB", 1024.0, low=0.0),
             top_k=int(_number(env, "TOP_K", 5, low=1, high=100)),
             predict_workers=int(_number(env, "PREDICT_WORKERS", 8, low=1, high=256)),

@@ -51,10 +51,10 @@ class AutomaticConfig:
     points_per_batch: int = 64
     stability_threshold: float = 0.7
     stability_offset: float = 1.0
-    confidence_threshold: float = 0.5
+    confidence_threshold: float = 0.7
     # Grid prompts whose mask has IoU >= support_iou with a candidate vote for it; a candidate needs
     # votes >= min_support × (grid points inside it, at least 1). 0 turns the vote off.
-    min_support: float = 0.5
+    min_support: float = 0.6
     support_iou: float = 0.8
     nms_iou: float = 0.5  # mask IoU above which the lower-scoring of two masks is a duplicate (as torchvision.ops.nms)
     part_of_whole: float = 0.8  # share of a mask inside a kept mask of the same label that makes it a part

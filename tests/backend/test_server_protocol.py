@@ -294,7 +294,7 @@ def test_automatic_mode_settings_come_from_the_environment(make_client: Any) -> 
 
     default = make_client().app.state.backend._automatic_config()
     assert default.stability_threshold == 0.7  # tuned with the demo model (bench/preannotate.py)
-    assert default.min_support == 0.5
+    assert default.min_support == 0.6
     cfg = make_client(AUTO_STABILITY_THRESHOLD="0.75", AUTO_POINTS_PER_SIDE="8", AUTO_MIN_SUPPORT="0").app.state.backend._automatic_config()
     assert (cfg.stability_threshold, cfg.points_per_side, cfg.min_support) == (0.75, 8, 0.0)
     with pytest.raises(SettingsError, match="AUTO_STABILITY_THRESHOLD"):

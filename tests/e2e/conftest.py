@@ -176,7 +176,7 @@ def backend(label_studio, model_choice, tmp_path_factory):
         "LOG_LEVEL": "INFO",
         "OVSAM_CACHE_DIR": str(root / "cache"),
         # A random model's class probabilities are low: keep every instance so regions exist.
-        "PREANNOTATION_THRESHOLD": "0.5" if model_choice.trained else "0.0",
+        "PREANNOTATION_THRESHOLD": "0.7" if model_choice.trained else "0.0",
         "PREANNOTATION_MAX_REGIONS": "20",
         "AUTO_POINTS_PER_SIDE": "16",  # the default: with 8 the demo model finds nothing on the 160x120 image
         # The demo model's masks are softer than SAM's: on the 160x120 image its best ones (IoU 0.82 with the
