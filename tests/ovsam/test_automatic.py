@@ -87,8 +87,9 @@ def setup(monkeypatch):
         state["offset"] = 0
         state["batches"].clear()
         state["points"].clear()
-        # The crafted confidences sit around 0.5 (cases 2 and 8): the threshold they were made for, not the default.
-        cfg = AutomaticConfig(**{"points_per_side": 3, "points_per_batch": 4, "confidence_threshold": 0.5, **overrides})
+        # The crafted cases were made for these thresholds (confidences around 0.5: cases 2 and 8), not the defaults.
+        cfg = AutomaticConfig(**{"points_per_side": 3, "points_per_batch": 4, "confidence_threshold": 0.5,
+                                 "min_support": 0.5, **overrides})
         return AutomaticMaskGenerator(predictor, cfg).generate(features)
 
     return run, state
