@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .images import ImageError, ImageLoader
+from labelstudio_io.images import ImageError, ImageLoader
+from labelstudio_io.label_config import ProjectSchema
+
 from .jobs import Job, JobManager
-from .label_config import ProjectSchema
 from .lanes import background_lane
 from .metrics_log import Metrics
 

@@ -44,7 +44,8 @@ from urllib.parse import quote
 
 import requests
 
-from .images import ImageError, ImageLoader
+from labelstudio_io.images import ImageError, ImageLoader
+
 from .registry import ModelRegistry
 from .runtime import ModelRuntime
 

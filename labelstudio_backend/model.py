@@ -45,16 +45,17 @@ import numpy as np
 from ovsam.model import ImageFeatures
 from ovsam.predictor import OVSAMPredictor, image_key
 
+from labelstudio_io.images import ImageError, ImageLoader, LabelStudioConflict
+from labelstudio_io.label_config import LabelConfigError, ProjectSchema, parse_label_config
+from labelstudio_io.prompts import InteractivePrompt, PromptError, check_image_size, prompt_from_context
+from labelstudio_io.results import schema_mask_result
+
 from . import webhooks
 from .bulk import BulkPredictions, post_prediction
 from .config import Settings
-from .images import ImageError, ImageLoader, LabelStudioConflict
 from .jobs import JobManager, TrainingRunner
 from .lanes import background_lane
-from .label_config import LabelConfigError, ProjectSchema, parse_label_config
 from .metrics_log import Metrics
-from .prompts import InteractivePrompt, PromptError, check_image_size, prompt_from_context
-from .results import schema_mask_result
 from .runtime import ModelRuntime, ServingModel
 
 __all__ = ["OVSAMBackend", "PredictPlan", "RequestError", "project_id_of"]

@@ -152,7 +152,7 @@ def _run(settings: Any, args: argparse.Namespace, selection: TaskSelection) -> i
     from tqdm import tqdm
 
     from .bulk import PostError, post_prediction
-    from .images import ImageLoader, ImageLoaderConfig
+    from labelstudio_io.images import ImageLoader, ImageLoaderConfig
     from .jobs import JobManager
     from .metrics_log import Metrics
     from .model import OVSAMBackend, RequestError

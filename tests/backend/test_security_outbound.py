@@ -139,7 +139,7 @@ def contacts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
 
     ``names`` maps test host names to the address they "resolve" to.
     """
-    from labelstudio_backend import outbound
+    from labelstudio_io import outbound
 
     real_connect = outbound.connect_socket
     seen: dict[str, Any] = {"resolved": [], "connected": [], "names": {}}
@@ -163,7 +163,7 @@ def contacts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
 
 
 def loader(ls_url: str | None = None, key: str | None = None, **kw: Any) -> Any:
-    from labelstudio_backend.images import ImageLoader, ImageLoaderConfig
+    from labelstudio_io.images import ImageLoader, ImageLoaderConfig
 
     return ImageLoader(ImageLoaderConfig(label_studio_url=ls_url, api_key=key, **kw))
 
@@ -307,7 +307,7 @@ def test_dns_name_resolving_to_loopback(hosts: Any, contacts: Any) -> None:
 
 
 def test_allow_list_limits_public_hosts(contacts: Any) -> None:
-    from labelstudio_backend.outbound import AddressPolicy, OutboundRefused
+    from labelstudio_io.outbound import AddressPolicy, OutboundRefused
 
     policy = AddressPolicy(["images.example.org", "10.0.0.0/8", "[::1]:8080"])
     policy.check_address(("https", "images.example.org", 443), "93.184.216.34")
@@ -405,7 +405,7 @@ def test_setup_cannot_move_a_configured_label_studio(helpers: Any, backend_env: 
 
 
 def test_setup_token_pairs_with_its_hostname(hosts: Any) -> None:
-    from labelstudio_backend.images import LabelStudioConflict
+    from labelstudio_io.images import LabelStudioConflict
 
     ls, other = hosts(), hosts()
     ld = loader()
@@ -534,7 +534,7 @@ def test_source_key_follows_what_load_returns(hosts: Any, tmp_path: Path) -> Non
     assert tuple(one.load("/data/upload/1/a.png")[0, 0]) == (255, 0, 0)
     assert tuple(two.load("/data/upload/1/a.png")[0, 0]) == (0, 0, 255)
     # A host switch by /setup is refused, so one loader never answers one host's URL with another's image.
-    from labelstudio_backend.images import LabelStudioConflict
+    from labelstudio_io.images import LabelStudioConflict
 
     with pytest.raises(LabelStudioConflict):
         one.update_from_setup(ls2.url, KEY)

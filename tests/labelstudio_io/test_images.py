@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labelstudio_backend.images import ImageError, ImageLoader, ImageLoaderConfig, is_jwt
+from labelstudio_io.images import ImageError, ImageLoader, ImageLoaderConfig, is_jwt
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
 
