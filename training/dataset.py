@@ -30,7 +30,7 @@ class ImageSource(Protocol):
 
 
 def make_image_source(data_roots: Optional[Path | Sequence[Path]] = None, loader: Any = None) -> ImageSource:
-    """The backend's ImageLoader (Label Studio URLs, http, data URIs, local files under allowed roots),
+    """`labelstudio_io`'s ImageLoader (Label Studio URLs, http, data URIs, local files under allowed roots),
     with the data files' folders added as local roots so relative paths in exports and COCO files work."""
     if loader is not None:
         return loader
