@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 _LS_RELATIVE_PREFIXES = ("/data/upload/", "/data/local-files", "/storage-data/", "/tasks/", "/projects/", "/api/")
 _MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
+
+
 class ImageError(ValueError):
     """The task image cannot be loaded (message says why)."""
 
