@@ -151,7 +151,7 @@ class LocalPredictor:
     """The predictor alone, on this process's copy of the same model, for the comparison."""
 
     def __init__(self, artifact: Path, device: str, label_config: str) -> None:
-        from labelstudio_backend.label_config import parse_label_config
+        from labelstudio_io.label_config import parse_label_config
         from ovsam.artifact import load_artifact
         from ovsam.predictor import OVSAMPredictor
 
@@ -164,7 +164,7 @@ class LocalPredictor:
 def single_size(http: Any, local: LocalPredictor, images: ImageServer, template: dict[str, Any],
                 width: int, height: int, clicks: int) -> dict[str, Any]:
     """HTTP click vs predictor alone vs the server's parts, at one image size."""
-    from labelstudio_backend.results import schema_mask_result
+    from labelstudio_io.results import schema_mask_result
 
     image = make_image(width, height, seed=width)
     path = images.add(f"bench-{width}x{height}.png", png(image))

@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ovsam.config import get_config  # noqa: E402
 from ovsam.head import cosine_logits  # noqa: E402
 from ovsam.model import OVSAM, ImageFeatures  # noqa: E402
-from ovsam.predictor import OVSAMPredictor, mask_box  # noqa: E402
+from ovsam.boxes import mask_to_box  # noqa: E402
+from ovsam.predictor import OVSAMPredictor  # noqa: E402
 from ovsam.transforms import ImageFrame, upscale_mask_logits  # noqa: E402
 from ovsam.vocabulary import Vocabulary  # noqa: E402
 
@@ -261,7 +262,7 @@ def stage_times(
             runs["click_head_roi"].append(t)
             t, _ = b.time(lambda: model.clip_branch_logits(cached.c5, rois, text, cached.clip_kv))
             runs["click_clip_branch"].append(t)
-            t, _ = b.time(lambda: mask_box((upscale_mask_logits(low_res, frame)[0] > 0).cpu().numpy()))
+            t, _ = b.time(lambda: mask_to_box((upscale_mask_logits(low_res, frame)[0] > 0).cpu().numpy()))
             runs["click_upscale"].append(t)
     out.update({k: median(v) for k, v in runs.items()})
     return out
@@ -363,7 +364,7 @@ def bench_sam_clip(
     stats = {"empty": 0}
 
     def crop_tensor(mask: np.ndarray) -> torch.Tensor:
-        box = mask_box(mask).astype(int)
+        box = mask_to_box(mask).astype(int)
         if box[2] <= box[0] or box[3] <= box[1]:  # random weights can give an empty mask: use the whole image
             stats["empty"] += 1
             box = np.array([0, 0, w, h])

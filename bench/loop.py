@@ -93,7 +93,7 @@ def held_out_seed(seed: int) -> int:
 
 def make_split(out: Path, n: int, seed: int, classes: str, upload_dir: int, first_id: int) -> list[Task]:
     """`python -m training synth` into `out`, with image URLs under Label Studio's /data/upload/<dir>/."""
-    from training.data.brush import decode_brush
+    from labelstudio_io.brush import decode_brush
     from training.synth import SynthConfig, _parse_classes, write_dataset
 
     write_dataset(SynthConfig(out=out, num_images=n, seed=seed, classes=_parse_classes(classes),
@@ -224,7 +224,7 @@ class BackendClient:
 
 def regions(result: dict[str, Any]) -> tuple[list[np.ndarray], list[str], list[float]]:
     """Masks, labels and scores of a /predict result's brush regions."""
-    from training.data.brush import decode_brush
+    from labelstudio_io.brush import decode_brush
 
     masks, labels, scores = [], [], []
     for r in result.get("result", []):

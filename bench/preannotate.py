@@ -59,7 +59,7 @@ def held_out_seed(seed: int) -> int:
 def make_samples(out: Path, n: int, seed: int) -> list[Sample]:
     """`python -m training synth` with the demo model's own class names, read back as arrays."""
     from PIL import Image
-    from training.data.brush import decode_brush
+    from labelstudio_io.brush import decode_brush
     from training.synth import SynthConfig, write_dataset
 
     write_dataset(SynthConfig(out=out, num_images=n, seed=seed), progress=False)

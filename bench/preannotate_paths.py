@@ -143,7 +143,7 @@ def measure_bulk_path(model: Path, images: Sequence[np.ndarray], label_config: s
         try:
             from labelstudio_backend.bulk import post_prediction
             from labelstudio_backend.config import Settings
-            from labelstudio_backend.images import ImageLoader, ImageLoaderConfig
+            from labelstudio_io.images import ImageLoader, ImageLoaderConfig
             from labelstudio_backend.jobs import JobManager
             from labelstudio_backend.metrics_log import Metrics
             from labelstudio_backend.model import OVSAMBackend

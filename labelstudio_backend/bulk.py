@@ -25,9 +25,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .images import ImageError, ImageLoader
+from labelstudio_io.client import ClientError
+from labelstudio_io.images import ImageLoader
+from labelstudio_io.label_config import ProjectSchema
+
 from .jobs import Job, JobManager
-from .label_config import ProjectSchema
 from .lanes import background_lane
 from .metrics_log import Metrics
 
@@ -56,8 +58,8 @@ def post_prediction(images: ImageLoader, task_id: Any, prediction: Mapping[str, 
         "model_version": prediction.get("model_version"),
     }
     try:
-        resp = images.label_studio_request("POST", "/api/predictions/", json_body=body, timeout=_POST_TIMEOUT_S)
-    except ImageError as exc:
+        resp = images.client.request("POST", "/api/predictions/", json_body=body, timeout=_POST_TIMEOUT_S)
+    except ClientError as exc:
         raise PostError(f"cannot post the prediction of task {task_id}: {exc}") from exc
     with resp:
         if resp.status_code not in (200, 201):

@@ -40,11 +40,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import requests
+from labelstudio_io.images import ImageLoader
 
-from .images import ImageError, ImageLoader
 from .registry import ModelRegistry
 from .runtime import ModelRuntime
 
@@ -54,7 +52,6 @@ log = logging.getLogger(__name__)
 
 # Finished jobs remembered for /jobs (the oldest are forgotten first).
 _MAX_FINISHED_JOBS = 100
-_EXPORT_TIMEOUT_S = (10.0, 600.0)
 
 
 class TrainingUnavailable(RuntimeError):
@@ -256,28 +253,7 @@ class TrainingRunner:
         job.message = f"promoted and now serving {new.version}"
 
     def export_tasks(self, project_id: str) -> list[Any]:
-        """The project's annotated tasks through Label Studio's export API (the loader's guarded session and auth)."""
-        base = self.images.label_studio_url
-        if not base:
-            raise JobFailed("cannot export annotations: LABEL_STUDIO_URL is not set")
-        path = f"/api/projects/{quote(project_id, safe='')}/export"
-        url = base + path
-        params = {"exportType": "JSON", "download_all_tasks": "false"}
-        try:
-            resp = self.images.label_studio_get(path, params=params, timeout=_EXPORT_TIMEOUT_S)
-        except ImageError as exc:  # unreachable, refused, or the token refresh failed
-            raise JobFailed(f"cannot export annotations: {exc}") from exc
-        with resp:
-            if resp.status_code != 200:
-                hint = " (check LABEL_STUDIO_API_KEY)" if resp.status_code in (401, 403) else ""
-                raise JobFailed(f"cannot export annotations: {url} answered HTTP {resp.status_code}{hint}")
-            try:
-                tasks = resp.json()
-            except (ValueError, requests.RequestException) as exc:
-                raise JobFailed(f"cannot export annotations: {url} did not answer JSON") from exc
-        if not isinstance(tasks, list):
-            raise JobFailed(f"cannot export annotations: expected a list of tasks, got {type(tasks).__name__}")
-        return tasks
+        return self.images.client.export_tasks(project_id)
 
 
 def training_options() -> dict[str, Any]:

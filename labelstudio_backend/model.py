@@ -45,16 +45,18 @@ import numpy as np
 from ovsam.model import ImageFeatures
 from ovsam.predictor import OVSAMPredictor, image_key
 
+from labelstudio_io.client import LabelStudioConflict
+from labelstudio_io.images import ImageError, ImageLoader
+from labelstudio_io.label_config import LabelConfigError, ProjectSchema, parse_label_config
+from labelstudio_io.prompts import InteractivePrompt, PromptError, check_image_size, prompt_from_context
+from labelstudio_io.results import schema_mask_result
+
 from . import webhooks
 from .bulk import BulkPredictions, post_prediction
 from .config import Settings
-from .images import ImageError, ImageLoader, LabelStudioConflict
 from .jobs import JobManager, TrainingRunner
 from .lanes import background_lane
-from .label_config import LabelConfigError, ProjectSchema, parse_label_config
 from .metrics_log import Metrics
-from .prompts import InteractivePrompt, PromptError, check_image_size, prompt_from_context
-from .results import schema_mask_result
 from .runtime import ModelRuntime, ServingModel
 
 __all__ = ["OVSAMBackend", "PredictPlan", "RequestError", "project_id_of"]
@@ -173,7 +175,7 @@ class OVSAMBackend:
         """
         hostname, token = body.get("hostname"), body.get("access_token")
         try:
-            self.images.update_from_setup(
+            self.images.client.update_from_setup(
                 hostname if isinstance(hostname, str) else None, token if isinstance(token, str) else None
             )
         except LabelStudioConflict as exc:
@@ -363,7 +365,7 @@ class OVSAMBackend:
         prediction for it (no empty placeholder that would count as predicted).
         """
         project = project_id_of(plan.tasks[0].get("project"))
-        can_defer = deadline is not None and project is not None and bool(self.images.label_studio_url and self.images.api_key)
+        can_defer = deadline is not None and project is not None and bool(self.images.client.label_studio_url and self.images.client.api_key)
         held = self.bulk.queued(project) if project is not None else set()
         todo = [i for i, task in enumerate(plan.tasks) if task.get("id") is None or task.get("id") not in held]
         with background_lane():

@@ -73,7 +73,7 @@ def read_tasks(images: Any, project: int, page_size: int = 100, view: int | None
         params = {"project": str(project), "page": str(page), "page_size": str(page_size), "fields": "all"}
         if view is not None:
             params["view"] = str(view)
-        with images.label_studio_get("/api/tasks/", params=params, timeout=_PAGE_TIMEOUT_S) as resp:
+        with images.client.get("/api/tasks/", params=params, timeout=_PAGE_TIMEOUT_S) as resp:
             if resp.status_code == 404 and page > 1:  # past the last page
                 return
             if resp.status_code != 200:
@@ -92,7 +92,7 @@ def read_tasks(images: Any, project: int, page_size: int = 100, view: int | None
 
 
 def _project_config(images: Any, project: int) -> str:
-    with images.label_studio_get(f"/api/projects/{project}/", timeout=_PAGE_TIMEOUT_S) as resp:
+    with images.client.get(f"/api/projects/{project}/", timeout=_PAGE_TIMEOUT_S) as resp:
         if resp.status_code != 200:
             raise SystemExit(f"cannot read project {project} from Label Studio: HTTP {resp.status_code} "
                              f"{resp.text[:300]}")
@@ -152,7 +152,7 @@ def _run(settings: Any, args: argparse.Namespace, selection: TaskSelection) -> i
     from tqdm import tqdm
 
     from .bulk import PostError, post_prediction
-    from .images import ImageLoader, ImageLoaderConfig
+    from labelstudio_io.images import ImageLoader, ImageLoaderConfig
     from .jobs import JobManager
     from .metrics_log import Metrics
     from .model import OVSAMBackend, RequestError
@@ -160,7 +160,7 @@ def _run(settings: Any, args: argparse.Namespace, selection: TaskSelection) -> i
     from .runtime import ModelRuntime
 
     images = ImageLoader(ImageLoaderConfig.from_env())
-    if not images.label_studio_url or not images.api_key:
+    if not images.client.label_studio_url or not images.client.api_key:
         print("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: the command reads tasks from Label Studio and posts "
               "predictions to it", file=sys.stderr)
         return 2
@@ -186,7 +186,7 @@ def _run(settings: Any, args: argparse.Namespace, selection: TaskSelection) -> i
                         raise outcome
                     post_prediction(images, task["id"], outcome)
                     posted += 1
-                except (PostError, ValueError) as exc:  # ImageError is a ValueError
+                except (PostError, ValueError) as exc:  # ImageError and ClientError are ValueErrors
                     failed += 1
                     log.warning("task %s: %s", task["id"], exc)
                 bar.update()

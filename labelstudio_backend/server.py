@@ -42,11 +42,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from labelstudio_io.images import ImageLoader, ImageLoaderConfig
+from labelstudio_io.label_config import cache_stats as label_config_cache_stats
+from labelstudio_io.label_config import set_cache_limit as set_label_config_cache_limit
+
 from .config import Settings
-from .images import ImageLoader, ImageLoaderConfig
 from .jobs import JobManager
-from .label_config import cache_stats as label_config_cache_stats
-from .label_config import set_cache_limit as set_label_config_cache_limit
 from .metrics_log import Metrics, configure_logging
 from .model import OVSAMBackend, PredictPlan, RequestError, project_id_of
 from .public_view import without_paths

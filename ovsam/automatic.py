@@ -24,6 +24,7 @@ import torch
 from pycocotools import mask as mask_utils
 from segment_anything.utils.amg import build_point_grid, calculate_stability_score, remove_small_regions
 
+from .boxes import mask_to_box
 from .fusion import foreground_probabilities
 from .model import ImageFeatures
 from .predictor import LabelScore, OVSAMPredictor
@@ -162,11 +163,6 @@ def clean_mask(mask: np.ndarray, min_area: float) -> np.ndarray:
     return mask
 
 
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
-
-
 class AutomaticMaskGenerator:
     """Runs the predictor's decoder and recogniser over a point grid and keeps one good mask per object."""
 
@@ -253,7 +249,7 @@ class AutomaticMaskGenerator:
             top = [LabelScore(vocab.labels[int(j)], float(p)) for p, j in zip(top_p, top_i)]
             stab = float(cands.stability[i])
             out.append(Instance(mask, top[0].label, int(top_i[0]), top[0].probability, top, stab,
-                                stab * top[0].probability, mask_box(mask), area))
+                                stab * top[0].probability, mask_to_box(mask), area))
             if len(out) >= cfg.max_instances:
                 break
         return out

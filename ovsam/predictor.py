@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from segment_anything.utils.amg import calculate_stability_score
 
+from .boxes import mask_to_box
 from .cache import SingleFlightLRUCache
 from .fusion import foreground_probabilities
 from .model import OVSAM, ImageFeatures
@@ -88,14 +89,6 @@ def validate_prompt(prompt: Prompt, height: int, width: int) -> Prompt:
             raise ValueError(f"box {box.tolist()} lies outside the {width}x{height} image")
         box = np.clip(box, 0, [width, height, width, height]).astype(np.float32)
     return Prompt(points, labels, box, prompt.mask_input, prompt.clip_box)
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """[x1, y1, x2, y2] (exclusive max) of a boolean mask; zeros when it is empty."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return np.zeros(4, np.float32)
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
 
 
 class OVSAMPredictor:
@@ -226,7 +219,7 @@ class OVSAMPredictor:
             mask = (logits > 0).cpu().numpy()
             top = [LabelScore(vocab.labels[int(i)], float(p)) for p, i in zip(top_p[j], top_i[j])]
             stab = float(stability[j])
-            box = mask_box(mask)
+            box = mask_to_box(mask)
             out.append(
                 Prediction(
                     mask=mask,

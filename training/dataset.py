@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ovsam.config import OVSAMConfig
 from ovsam.transforms import ImageFrame, resize_and_normalize, validate_image
-from training.data.geometry import mask_to_box
+from ovsam.boxes import mask_to_box
 from training.data.prompts import lsj_augment, sample_training_prompts
 from training.data.types import Sample, SkipReport
 
@@ -30,11 +30,11 @@ class ImageSource(Protocol):
 
 
 def make_image_source(data_roots: Optional[Path | Sequence[Path]] = None, loader: Any = None) -> ImageSource:
-    """The backend's ImageLoader (Label Studio URLs, http, data URIs, local files under allowed roots),
+    """`labelstudio_io`'s ImageLoader (Label Studio URLs, http, data URIs, local files under allowed roots),
     with the data files' folders added as local roots so relative paths in exports and COCO files work."""
     if loader is not None:
         return loader
-    from labelstudio_backend.images import ImageLoader, ImageLoaderConfig
+    from labelstudio_io.images import ImageLoader, ImageLoaderConfig
 
     cfg = ImageLoaderConfig.from_env()
     if data_roots is not None:
@@ -70,7 +70,7 @@ def labels_from_config(label_config: Optional[str]) -> Tuple[Optional[List[str]]
     """(labels, synonyms, image data key) of a Label Studio config, or Nones when there is none."""
     if not label_config:
         return None, {}, None
-    from labelstudio_backend.label_config import parse_label_config
+    from labelstudio_io.label_config import parse_label_config
 
     schema = parse_label_config(label_config)
     syn = {l: [s for s in schema.synonyms.get(l, []) if s != l] for l in schema.labels}

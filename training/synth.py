@@ -33,7 +33,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from training.data.brush import encode_brush
+from labelstudio_io.brush import encode_brush
 # The command line lives in a cv2-free module (a fast `--help`); still importable from here.
 from training.synth_cli import APPEARANCES, SHAPES, _parse_classes, _parse_size, build_parser, main_synth  # noqa: F401
 
@@ -304,7 +304,7 @@ def _brush_region(index: int, k: int, label: str, mask: np.ndarray, cfg: SynthCo
         "original_width": cfg.width,
         "original_height": cfg.height,
         "image_rotation": 0,
-        "value": {"format": "rle", "rle": encode_brush(mask), "brushlabels": [label]},
+        "value": {"format": "rle", "rle": encode_brush(np.asarray(mask, dtype=bool)), "brushlabels": [label]},
     }
 
 

@@ -198,7 +198,7 @@ def backend_env(tiny_artifact: Path, fake_ls: FakeLabelStudio, tmp_path: Path) -
 
 def build_app(env: dict[str, str]) -> Any:
     from labelstudio_backend.config import Settings
-    from labelstudio_backend.images import ImageLoaderConfig
+    from labelstudio_io.images import ImageLoaderConfig
     from labelstudio_backend.server import create_app
 
     return create_app(Settings.from_env(env), image_config=ImageLoaderConfig.from_env(env))

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from labelstudio_backend import label_config, webhooks
+from labelstudio_backend import webhooks
+from labelstudio_io import label_config
 from labelstudio_backend.metrics_log import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -258,7 +259,7 @@ def test_label_config_cache_is_bounded_in_bytes_of_xml(backend_env: dict[str, st
 
 
 def test_sized_lru_bounds_by_size_and_evicts_least_recent() -> None:
-    from labelstudio_backend.lru import SizedLRU
+    from labelstudio_io.lru import SizedLRU
 
     cache: SizedLRU[str] = SizedLRU(1000, len, max_entry=250)
     for i in range(50):

@@ -139,7 +139,7 @@ def contacts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
 
     ``names`` maps test host names to the address they "resolve" to.
     """
-    from labelstudio_backend import outbound
+    from labelstudio_io import outbound
 
     real_connect = outbound.connect_socket
     seen: dict[str, Any] = {"resolved": [], "connected": [], "names": {}}
@@ -163,7 +163,7 @@ def contacts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
 
 
 def loader(ls_url: str | None = None, key: str | None = None, **kw: Any) -> Any:
-    from labelstudio_backend.images import ImageLoader, ImageLoaderConfig
+    from labelstudio_io.images import ImageLoader, ImageLoaderConfig
 
     return ImageLoader(ImageLoaderConfig(label_studio_url=ls_url, api_key=key, **kw))
 
@@ -307,7 +307,7 @@ def test_dns_name_resolving_to_loopback(hosts: Any, contacts: Any) -> None:
 
 
 def test_allow_list_limits_public_hosts(contacts: Any) -> None:
-    from labelstudio_backend.outbound import AddressPolicy, OutboundRefused
+    from labelstudio_io.outbound import AddressPolicy, OutboundRefused
 
     policy = AddressPolicy(["images.example.org", "10.0.0.0/8", "[::1]:8080"])
     policy.check_address(("https", "images.example.org", 443), "93.184.216.34")
@@ -405,27 +405,27 @@ def test_setup_cannot_move_a_configured_label_studio(helpers: Any, backend_env: 
 
 
 def test_setup_token_pairs_with_its_hostname(hosts: Any) -> None:
-    from labelstudio_backend.images import LabelStudioConflict
+    from labelstudio_io.client import LabelStudioConflict
 
     ls, other = hosts(), hosts()
     ld = loader()
-    ld.update_from_setup(None, "orphan")  # a token without a hostname is not used
-    assert ld.api_key is None
-    ld.update_from_setup(ls.url, "first")
-    ld.update_from_setup(ls.url + "/", "second")  # same origin: the token is updated
-    assert (ld.label_studio_url, ld.api_key) == (ls.url, "second")
+    ld.client.update_from_setup(None, "orphan")  # a token without a hostname is not used
+    assert ld.client.api_key is None
+    ld.client.update_from_setup(ls.url, "first")
+    ld.client.update_from_setup(ls.url + "/", "second")  # same origin: the token is updated
+    assert (ld.client.label_studio_url, ld.client.api_key) == (ls.url, "second")
     with pytest.raises(LabelStudioConflict):
-        ld.update_from_setup(other.url, "third")
-    assert (ld.label_studio_url, ld.api_key) == (ls.url, "second")
+        ld.client.update_from_setup(other.url, "third")
+    assert (ld.client.label_studio_url, ld.client.api_key) == (ls.url, "second")
     # With LABEL_STUDIO_URL, a /setup token is used only for that origin and only without an env key.
     ld = loader(ls.url)
-    ld.update_from_setup(other.url, "elsewhere")
-    assert ld.api_key is None
-    ld.update_from_setup(ls.url, "matching")
-    assert ld.api_key == "matching"
+    ld.client.update_from_setup(other.url, "elsewhere")
+    assert ld.client.api_key is None
+    ld.client.update_from_setup(ls.url, "matching")
+    assert ld.client.api_key == "matching"
     ld = loader(ls.url, KEY)
-    ld.update_from_setup(ls.url, "matching")
-    assert ld.api_key == KEY
+    ld.client.update_from_setup(ls.url, "matching")
+    assert ld.client.api_key == KEY
 
 
 def test_start_up_warns_about_an_open_bind_without_basic_auth(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
@@ -526,18 +526,18 @@ def test_source_key_follows_what_load_returns(hosts: Any, tmp_path: Path) -> Non
     ls1 = hosts({"/data/upload/1/a.png": image(png(color=(255, 0, 0)))})
     ls2 = hosts({"/data/upload/1/a.png": image(png(color=(0, 0, 255)))})
     one, two = loader(), loader()
-    one.update_from_setup(ls1.url, KEY)
-    two.update_from_setup(ls2.url, KEY)
+    one.client.update_from_setup(ls1.url, KEY)
+    two.client.update_from_setup(ls2.url, KEY)
     # The same relative URL under two Label Studios: two identities, each fetched from its own host.
     assert one.source_key("/data/upload/1/a.png") == f"{ls1.url}/data/upload/1/a.png"
     assert one.source_key("/data/upload/1/a.png") != two.source_key("/data/upload/1/a.png")
     assert tuple(one.load("/data/upload/1/a.png")[0, 0]) == (255, 0, 0)
     assert tuple(two.load("/data/upload/1/a.png")[0, 0]) == (0, 0, 255)
     # A host switch by /setup is refused, so one loader never answers one host's URL with another's image.
-    from labelstudio_backend.images import LabelStudioConflict
+    from labelstudio_io.client import LabelStudioConflict
 
     with pytest.raises(LabelStudioConflict):
-        one.update_from_setup(ls2.url, KEY)
+        one.client.update_from_setup(ls2.url, KEY)
     assert tuple(one.load("/data/upload/1/a.png")[0, 0]) == (255, 0, 0)
     # Local files: a new key when the file changes; data: URIs by content.
     local = loader(local_roots=(str(tmp_path),))

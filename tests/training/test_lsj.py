@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from training.data.augment import lsj_augment
-from training.data.geometry import masks_to_boxes
+from ovsam.boxes import masks_to_boxes
 
 
 def _scene(h: int = 100, w: int = 200):

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from training.data.geometry import masks_to_boxes
+from ovsam.boxes import masks_to_boxes
 from training.data.prompts import BOX, POINT, center_point, sample_training_prompts
 
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from .geometry import box_is_empty, mask_to_box
+from ovsam.boxes import box_is_empty, mask_to_box
 
 
 class Augmented(NamedTuple):

@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 import numpy as np
 from pycocotools.coco import COCO
 
-from .geometry import box_is_empty, mask_to_box
+from ovsam.boxes import box_is_empty, mask_to_box
+
 from .types import Instance, Sample, SkipReport
 
 

@@ -1,17 +1,14 @@
-"""Read Label Studio JSON exports (the task list from "Export > JSON" or the export API).
+"""Read Label Studio JSON exports (the task list from "Export > JSON" or the export API) as training samples.
 
 Each task becomes one `Sample` per chosen annotation; predictions are model output, not
-training targets, and are ignored. Brush, polygon and rectangle regions are understood;
-everything that cannot be used is counted in the `SkipReport` under one of:
+training targets, and are ignored. Regions are decoded by `labelstudio_io.regions`; everything
+that cannot be used is counted in the `SkipReport` under one of:
 
   task level:        'no annotation', 'missing image', 'low agreement', 'no ground truth',
                      'malformed task'
   annotation level:  'cancelled', 'no instances' (chosen, but none of its regions is usable)
-  region level:      'unknown label', 'no label', 'multiple labels', 'empty mask', 'empty box',
-                     'corrupt mask' (RLE that does not decode or has the wrong length),
-                     'bad polygon' (fewer than 3 points), 'bad box' (a rectangle without
-                     numeric x/y/width/height), 'missing size', 'size mismatch',
-                     'unsupported region' (keypoints, choices, ...: not instances)
+  region level:      the reasons of `labelstudio_io.regions` ('unknown label', 'corrupt mask', ...),
+                     and 'size mismatch' (regions of one annotation disagree on the image size)
 """
 
 from __future__ import annotations
@@ -24,14 +21,11 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
+from labelstudio_io.regions import RegionSkip, decode_region, task_image_ref
 
 from .agreement import task_agreement
-from .brush import BrushDecodeError, decode_brush
-from .geometry import box_is_empty, mask_to_box, percent_points_to_px, polygon_to_mask, rectangle_to_box
 from .types import Instance, Sample, SkipReport
 
-REGION_TYPES = {"brushlabels": "brush", "polygonlabels": "polygon", "rectanglelabels": "rectangle"}
 _OLDEST = datetime.min.replace(tzinfo=timezone.utc)
 
 
@@ -57,12 +51,6 @@ class AnnotationPolicy:
     def __post_init__(self) -> None:
         if self.which not in ("latest", "all", "ground_truth"):
             raise ValueError(f"unknown annotation policy {self.which!r}")
-
-
-class _Skip(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -100,7 +88,7 @@ def load_labelstudio_export(
         live = _live_annotations(task, task_id, report)
         if not live:
             continue
-        image_ref = _image_ref(task.get("data"), image_key)
+        image_ref = task_image_ref(task.get("data"), image_key)
         if image_ref is None:
             report.add("missing image", task_id)
             continue
@@ -157,19 +145,6 @@ def _live_annotations(task: dict, task_id: int | str, report: SkipReport) -> lis
     return live
 
 
-def _image_ref(data: Any, image_key: str | None) -> str | None:
-    if not isinstance(data, dict):
-        return None
-    if image_key is not None:
-        value = data.get(image_key)
-    elif "image" in data:
-        value = data["image"]
-    else:
-        strings = [v for v in data.values() if isinstance(v, str)]
-        value = strings[0] if len(strings) == 1 else None
-    return value if isinstance(value, str) and value else None
-
-
 def _timestamp(value: Any) -> datetime:
     if not isinstance(value, str):
         return _OLDEST
@@ -199,84 +174,14 @@ def _parse_annotation(annotation: dict, labels: set[str] | None, task_id: int | 
     result = annotation.get("result") or []
     for region in result if isinstance(result, list) else []:
         try:
-            instance, size = _parse_region(region, labels)
+            decoded = decode_region(region, labels)
+            size = (decoded.width, decoded.height)
             if out.size is None:
                 out.size = size
             elif size != out.size:
-                raise _Skip("size mismatch")
-        except _Skip as skip:
+                raise RegionSkip("size mismatch")
+        except RegionSkip as skip:
             out.report.add(skip.reason, task_id)
             continue
-        out.instances.append(instance)
+        out.instances.append(Instance(decoded.label, decoded.mask, decoded.box, decoded.kind))
     return out
-
-
-def _parse_region(region: Any, labels: set[str] | None) -> tuple[Instance, tuple[int, int]]:
-    """One result item to an Instance, or `_Skip` with the reason."""
-    if not isinstance(region, dict) or region.get("type") not in REGION_TYPES:
-        raise _Skip("unsupported region")
-    rtype = region["type"]
-    value = region.get("value") or {}
-    names = value.get(rtype) or value.get("labels") or []
-    if isinstance(names, str):
-        names = [names]
-    if not names:
-        raise _Skip("no label")
-    if len(names) > 1:
-        raise _Skip("multiple labels")
-    label = names[0]
-    if labels is not None and label not in labels:
-        raise _Skip("unknown label")
-    width, height = _size(region.get("original_width")), _size(region.get("original_height"))
-    if width is None or height is None:
-        raise _Skip("missing size")
-
-    if rtype == "rectanglelabels":
-        try:
-            box = rectangle_to_box(
-                float(value["x"]),
-                float(value["y"]),
-                float(value["width"]),
-                float(value["height"]),
-                float(value.get("rotation") or 0.0),
-                width,
-                height,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _Skip("bad box") from exc
-        if box_is_empty(box):
-            raise _Skip("empty box")
-        return Instance(label, None, box, REGION_TYPES[rtype]), (width, height)
-
-    mask = _brush_mask(value, width, height) if rtype == "brushlabels" else _polygon_mask(value, width, height)
-    if not mask.any():
-        raise _Skip("empty mask")
-    return Instance(label, mask, mask_to_box(mask), REGION_TYPES[rtype]), (width, height)
-
-
-def _size(value: Any) -> int | None:
-    """A positive integral pixel size (JSON may carry 160 or 160.0), else None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and float(value).is_integer():
-        return int(value)
-    return None
-
-
-def _brush_mask(value: dict, width: int, height: int) -> np.ndarray:
-    rle = value.get("rle")
-    if value.get("format", "rle") != "rle" or not isinstance(rle, list):
-        raise _Skip("corrupt mask")
-    try:
-        return decode_brush(rle, width, height)
-    except BrushDecodeError as exc:
-        raise _Skip("corrupt mask") from exc
-
-
-def _polygon_mask(value: dict, width: int, height: int) -> np.ndarray:
-    points = value.get("points")
-    try:
-        pts = percent_points_to_px(points, width, height)
-    except (TypeError, ValueError) as exc:
-        raise _Skip("bad polygon") from exc
-    if len(pts) < 3 or not np.isfinite(pts).all():
-        raise _Skip("bad polygon")
-    return polygon_to_mask(pts, width, height)

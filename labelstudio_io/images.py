@@ -3,17 +3,10 @@
 A task's image value can be a path relative to Label Studio (``/data/upload/...``,
 ``/data/local-files/?d=...``, ``/tasks/<id>/resolve/?fileuri=...``), an absolute
 http(s) URL (often a pre-signed cloud URL), a ``data:`` URI, or a local path.
-Relative URLs need Label Studio's address and an API key: a legacy key is sent as
-``Token <key>``; a personal access token (a JWT refresh token) is exchanged at
-``/api/token/refresh/`` for a short-lived access token sent as ``Bearer``.
-
-Credentials are pairs: the environment's key goes only to ``LABEL_STUDIO_URL``,
-and a ``/setup`` token only to the ``/setup`` hostname it came with (see
-:meth:`ImageLoader.update_from_setup`). A header is attached only when the
-prepared request's scheme, host and port equal Label Studio's origin, on every
-redirect hop. Every request goes through :mod:`.outbound`'s guarded session:
-ambiguous URLs are refused, and the address actually contacted is checked
-against the outbound policy (``ALLOWED_IMAGE_HOSTS``) at connect time.
+Relative URLs need Label Studio's address and an API key: every request goes
+through the loader's :class:`~.client.LabelStudioClient` (``ImageLoader.client``),
+which pairs them, refreshes access tokens, sends credentials only to Label Studio's
+origin and checks every address contacted against the outbound policy.
 
 Task data is user input, so downloads are bounded (one deadline for the whole
 download, bytes, pixels, concurrent downloads; the pixel count is read from the
@@ -28,70 +21,35 @@ import base64
 import binascii
 import hashlib
 import io
-import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode, urljoin, urlsplit
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import outbound
+from .client import ClientError, LabelStudioClient, redact_url, short_error
 from .lru import SizedLRU
 from .outbound import OutboundRefused
 
-__all__ = ["ImageError", "ImageLoader", "ImageLoaderConfig", "LabelStudioConflict", "is_jwt"]
+__all__ = ["ImageError", "ImageLoader", "ImageLoaderConfig"]
 
 log = logging.getLogger(__name__)
 
 _LS_RELATIVE_PREFIXES = ("/data/upload/", "/data/local-files", "/storage-data/", "/tasks/", "/projects/", "/api/")
 _MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
-# Refresh a Bearer access token this many seconds before it expires.
-_TOKEN_MARGIN_S = 30.0
-# Lifetime assumed for an access token whose expiry cannot be read (Label Studio's is 5 min).
-_DEFAULT_TOKEN_LIFETIME_S = 240.0
 
 
 class ImageError(ValueError):
     """The task image cannot be loaded (message says why)."""
-
-
-class LabelStudioConflict(Exception):
-    """A ``/setup`` names another Label Studio than the one this backend is bound to."""
-
-
-def _b64url_decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
-def is_jwt(token: str) -> bool:
-    """True for a JWT (three base64url parts, the first a JSON header); legacy keys are hex."""
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        return False
-    try:
-        header = json.loads(_b64url_decode(parts[0]))
-    except (ValueError, binascii.Error):
-        return False
-    return isinstance(header, dict)
-
-
-def _jwt_exp(token: str) -> float | None:
-    """The ``exp`` claim of a JWT (not verified: we only need to know when to refresh)."""
-    try:
-        payload = json.loads(_b64url_decode(token.split(".")[1]))
-        exp = payload.get("exp")
-        return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
-    except (ValueError, IndexError, binascii.Error, AttributeError):
-        return None
 
 
 def _env(env: Mapping[str, str], *names: str) -> str | None:
@@ -150,7 +108,7 @@ class ImageLoaderConfig:
 
     Without ``LABEL_STUDIO_URL``, the ``hostname`` and ``access_token`` of
     Label Studio's ``/setup`` call are used as a pair (see
-    :meth:`ImageLoader.update_from_setup`).
+    :meth:`LabelStudioClient.update_from_setup`).
     """
 
     label_studio_url: str | None = None
@@ -201,12 +159,6 @@ class ImageLoaderConfig:
 
 
 @dataclass
-class _Token:
-    value: str
-    expires_at: float
-
-
-@dataclass
 class _Source:
     """Where an image value points: a URL to download, a local file, or a data: URI."""
 
@@ -220,98 +172,21 @@ class ImageLoader:
 
     def __init__(self, config: ImageLoaderConfig | None = None, session: requests.Session | None = None) -> None:
         self.config = config or ImageLoaderConfig.from_env()
-        self._env_origin: outbound.Origin | None = None
-        if self.config.label_studio_url:
-            try:
-                self._env_origin = outbound.check_url(self.config.label_studio_url)
-            except OutboundRefused as exc:
-                raise ValueError(f"LABEL_STUDIO_URL={self.config.label_studio_url!r} cannot be used: {exc}") from exc
-        self._setup_url: str | None = None
-        self._setup_key: str | None = None
-        self._setup_lock = threading.Lock()
-        self._warned_setup_host = False
-        self.policy = outbound.AddressPolicy(self.config.allowed_hosts, label_studio=self._label_studio_origin)
-        self._session = outbound.guard_session(session or requests.Session(), self.policy)
-        self._session.headers["User-Agent"] = self.config.user_agent
+        self.client = LabelStudioClient(
+            self.config.label_studio_url,
+            self.config.api_key,
+            allowed_hosts=self.config.allowed_hosts,
+            user_agent=self.config.user_agent,
+            timeout_s=self.config.timeout_s,
+            session=session,
+        )
         self._cache: SizedLRU[bytes] = SizedLRU(self.config.cache_bytes, len)
         self._slots = threading.BoundedSemaphore(self.config.max_downloads)
-        self._token: _Token | None = None
-        self._token_lock = threading.Lock()
         self._roots = [Path(os.path.realpath(r)) for r in self.config.local_roots]
         # PIL raises DecompressionBombError only above twice this; we check the
         # header ourselves before decoding, so align PIL's warning threshold.
         if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS < self.config.max_pixels:
             Image.MAX_IMAGE_PIXELS = self.config.max_pixels
-
-    # -- configuration -------------------------------------------------
-    @property
-    def label_studio_url(self) -> str | None:
-        url = self.config.label_studio_url or self._setup_url
-        return url.rstrip("/") if url else None
-
-    @property
-    def api_key(self) -> str | None:
-        """The key for :attr:`label_studio_url`: the environment's only with LABEL_STUDIO_URL."""
-        if self.config.label_studio_url:
-            return self.config.api_key or self._setup_key
-        return self._setup_key
-
-    def _label_studio_origin(self) -> outbound.Origin | None:
-        url = self.label_studio_url
-        return outbound.origin_of(url) if url else None
-
-    def update_from_setup(self, hostname: str | None, access_token: str | None) -> None:
-        """Learn Label Studio's address and token from ``/setup``, as a pair.
-
-        With ``LABEL_STUDIO_URL`` set, a ``/setup`` for another origin is ignored
-        (warned once) and its token is used only when ``LABEL_STUDIO_API_KEY`` is
-        unset and the origins match. Without it, the first ``/setup`` hostname is
-        pinned with its token; a later one for the same origin may bring a new
-        token, one for another origin raises :class:`LabelStudioConflict`. A
-        token without a hostname is not used: nothing says where it belongs.
-        """
-        url = hostname.strip().rstrip("/") if isinstance(hostname, str) and hostname.strip() else None
-        token = access_token.strip() if isinstance(access_token, str) and access_token.strip() else None
-        if url is None:
-            return
-        try:
-            origin = outbound.check_url(url)
-        except OutboundRefused as exc:
-            log.warning("ignoring the /setup hostname %r: %s", url[:200], exc)
-            return
-        with self._setup_lock:
-            if self._env_origin is not None:
-                if origin != self._env_origin:
-                    if not self._warned_setup_host:
-                        self._warned_setup_host = True
-                        log.warning("/setup names Label Studio at %s, but LABEL_STUDIO_URL is %s: the /setup hostname "
-                                    "and token are ignored", _origin_text(origin), _origin_text(self._env_origin))
-                    return
-                if token is not None and not self.config.api_key:
-                    self._set_setup_key(token)
-                return
-            if self._setup_url is None:
-                self._setup_url = url
-                log.info("using Label Studio at %s (from the first /setup; set LABEL_STUDIO_URL to fix it)",
-                         _origin_text(origin))
-            elif outbound.origin_of(self._setup_url) != origin:
-                log.warning("refused a /setup for Label Studio at %s: this backend already uses %s",
-                            _origin_text(origin), _origin_text(outbound.origin_of(self._setup_url)))
-                raise LabelStudioConflict(
-                    "this backend already works for another Label Studio (the hostname of the first /setup); "
-                    "set LABEL_STUDIO_URL, or restart the backend, to change it"
-                )
-            if token is not None:
-                self._set_setup_key(token)
-
-    def _set_setup_key(self, token: str) -> None:
-        if token == self._setup_key:
-            return
-        if self._setup_key is not None:
-            log.info("Label Studio access token updated from /setup")
-        self._setup_key = token
-        with self._token_lock:
-            self._token = None
 
     # -- public API ----------------------------------------------------
     def load(self, url: str) -> np.ndarray:
@@ -354,41 +229,6 @@ class ImageLoader:
         self._cache.put(key, data)
         return data
 
-    def label_studio_get(
-        self, path: str, params: Mapping[str, str] | None = None, timeout: float | tuple[float, float] | None = None
-    ) -> requests.Response:
-        """GET ``path`` of Label Studio's API with our credentials; the caller closes the response."""
-        return self.label_studio_request("GET", path, params=params, timeout=timeout)
-
-    def label_studio_request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json_body: Any = None,
-        timeout: float | tuple[float, float] | None = None,
-    ) -> requests.Response:
-        """``method`` on ``path`` of Label Studio's API with our credentials; the caller closes the response.
-
-        Redirects are not followed. Raises :class:`ImageError` when Label
-        Studio's address is unknown or it cannot be reached.
-        """
-        base = self.label_studio_url
-        if base is None:
-            raise ImageError("LABEL_STUDIO_URL is not set")
-        url = base + path + (f"?{urlencode(params)}" if params else "")
-        retried = False
-        while True:
-            resp = self._send(method, url, json_body=json_body, timeout=timeout)
-            if resp.status_code == 401 and self._uses_pat() and not retried:
-                resp.close()
-                retried = True
-                with self._token_lock:
-                    self._token = None
-                continue
-            return resp
-
     def decode(self, data: bytes, source: str = "image") -> np.ndarray:
         """Decode bytes to RGB uint8, checking the pixel count before decoding."""
         try:
@@ -418,10 +258,6 @@ class ImageLoader:
         self._cache.clear()
 
     # -- resolution ----------------------------------------------------
-    def _is_label_studio(self, url: str) -> bool:
-        origin = self._label_studio_origin()
-        return origin is not None and outbound.origin_of(url) == origin
-
     def _locate(self, url: str) -> tuple[_Source, str]:
         """Where ``url`` is read from, and its :meth:`source_key`."""
         source = self._resolve(url)
@@ -448,12 +284,12 @@ class ImageLoader:
         scheme = urlsplit(url).scheme
         if len(scheme) > 1:  # "c:" would be a Windows drive, anything longer a scheme
             raise ImageError(
-                f"URL scheme {scheme!r} is not supported ({_redact(url)}); use http(s), a Label Studio "
+                f"URL scheme {scheme!r} is not supported ({redact_url(url)}); use http(s), a Label Studio "
                 "URL, or a path under LOCAL_FILES_DOCUMENT_ROOT"
             )
         if url.startswith(_LS_RELATIVE_PREFIXES):
             fallback = self._local_files_candidates(url) if url.startswith("/data/local-files") else []
-            base = self.label_studio_url
+            base = self.client.label_studio_url
             if base is None:
                 if fallback:
                     return _Source("file", str(fallback[0]))
@@ -470,7 +306,7 @@ class ImageLoader:
         try:
             outbound.check_url(url)
         except OutboundRefused as exc:
-            raise ImageError(f"image URL {_redact(url)!r} is refused: {exc}") from exc
+            raise ImageError(f"image URL {redact_url(url)!r} is refused: {exc}") from exc
 
     def _local_files_candidates(self, url: str) -> list[Path]:
         """Files under the roots that ``/data/local-files/?d=<path>`` may mean."""
@@ -539,23 +375,20 @@ class ImageLoader:
         with outbound.deadline(self.config.timeout_s) as limit:
             if not self._slots.acquire(timeout=limit.remaining()):
                 raise ImageError(
-                    f"{_redact(url)}: timed out after {self.config.timeout_s:g} s waiting for one of "
+                    f"{redact_url(url)}: timed out after {self.config.timeout_s:g} s waiting for one of "
                     f"{self.config.max_downloads} download slots (IMAGE_MAX_DOWNLOADS)"
                 )
             try:
                 data = self._follow(url, limit)
             except ImageError as exc:
                 if limit.expired:
-                    raise ImageError(self._timed_out(url)) from exc
+                    raise ImageError(self.client.timed_out(url)) from exc
                 raise
             finally:
                 self._slots.release()
             if limit.expired:  # the body may have been cut short by the deadline
-                raise ImageError(self._timed_out(url))
+                raise ImageError(self.client.timed_out(url))
             return data
-
-    def _timed_out(self, url: str) -> str:
-        return f"{_redact(url)}: timed out after {self.config.timeout_s:g} s (IMAGE_TIMEOUT_S, whole download)"
 
     def _follow(self, url: str, limit: outbound.Deadline) -> bytes:
         """GET, following redirects by hand: every hop is checked, credentials only on Label Studio's origin."""
@@ -564,24 +397,26 @@ class ImageLoader:
         previous: str | None = None
         while True:
             if limit.remaining() <= 0:
-                raise ImageError(self._timed_out(url))
-            resp = self._send("GET", url, redirected_from=previous)
+                raise ImageError(self.client.timed_out(url))
             try:
-                label_studio = self._is_label_studio(url)
+                resp = self.client.send("GET", url, redirected_from=previous)
+            except ClientError as exc:
+                raise ImageError(str(exc)) from exc
+            try:
+                label_studio = self.client.is_label_studio(url)
                 if resp.is_redirect:
                     if hops >= _MAX_REDIRECTS:
-                        raise ImageError(f"{_redact(url)}: too many redirects")
+                        raise ImageError(f"{redact_url(url)}: too many redirects")
                     target = urljoin(url, resp.headers.get("Location", ""))
                     try:
                         outbound.check_url(target)
                     except OutboundRefused as exc:
-                        raise ImageError(f"{_redact(url)} redirects to a host that is not allowed: {exc}") from exc
+                        raise ImageError(f"{redact_url(url)} redirects to a host that is not allowed: {exc}") from exc
                     previous, url, hops = url, target, hops + 1
                     continue
-                if resp.status_code == 401 and label_studio and not retried_auth and self._uses_pat():
+                if resp.status_code == 401 and label_studio and not retried_auth and self.client.uses_pat():
                     retried_auth = True
-                    with self._token_lock:
-                        self._token = None
+                    self.client.forget_token()
                     continue
                 if resp.status_code >= 400:
                     raise ImageError(self._status_message(url, resp.status_code, label_studio))
@@ -589,72 +424,27 @@ class ImageLoader:
             finally:
                 resp.close()
 
-    def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        json_body: Any = None,
-        credentials: bool = True,
-        redirected_from: str | None = None,
-        timeout: float | tuple[float, float] | None = None,
-    ) -> requests.Response:
-        """One request through the guarded session; our credentials only if it goes to Label Studio's origin."""
-        try:
-            origin = outbound.check_url(url)
-            prepared = self._session.prepare_request(requests.Request(method, url, json=json_body))
-            if outbound.origin_of(prepared.url or "") != origin:  # what is sent must be what was checked
-                raise OutboundRefused("the URL is ambiguous")
-        except OutboundRefused as exc:
-            raise self._refused(url, redirected_from, exc) from exc
-        except (requests.exceptions.RequestException, ValueError) as exc:
-            raise ImageError(f"{_redact(url)}: malformed URL ({_short(exc)})") from exc
-        if credentials and origin == self._label_studio_origin():
-            prepared.headers.update(self._auth_header())
-        if timeout is None:
-            limit = outbound.current_deadline()
-            left = limit.remaining() if limit is not None else self.config.timeout_s
-            timeout = (max(min(left, 10.0), 0.001), max(left, 0.001))
-        adapter = self._session.get_adapter(prepared.url or url)
-        try:
-            # The adapter, not Session.send: the session would read a redirect's whole body.
-            return adapter.send(prepared, stream=True, timeout=timeout)
-        except OutboundRefused as exc:
-            raise self._refused(url, redirected_from, exc) from exc
-        except requests.exceptions.Timeout as exc:
-            raise ImageError(self._timed_out(url)) from exc
-        except requests.exceptions.ConnectionError as exc:
-            raise ImageError(f"{_redact(url)}: cannot connect to the host ({_short(exc)})") from exc
-        except requests.exceptions.RequestException as exc:
-            raise ImageError(f"{_redact(url)}: request failed ({_short(exc)})") from exc
-
-    @staticmethod
-    def _refused(url: str, redirected_from: str | None, exc: OutboundRefused) -> ImageError:
-        if redirected_from is not None:
-            return ImageError(f"{_redact(redirected_from)} redirects to a host that is not allowed: {exc}")
-        return ImageError(f"host of {_redact(url)} is not allowed: {exc}")
-
     def _read_body(self, url: str, resp: requests.Response) -> bytes:
         limit = self.config.max_bytes
         declared = resp.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ImageError(self._too_big(_redact(url), int(declared)))
+            raise ImageError(self._too_big(redact_url(url), int(declared)))
         buf = bytearray()
         try:
             for chunk in resp.iter_content(_CHUNK):
                 buf += chunk
                 if len(buf) > limit:
-                    raise ImageError(self._too_big(_redact(url), len(buf)) + " (download aborted)")
+                    raise ImageError(self._too_big(redact_url(url), len(buf)) + " (download aborted)")
         except requests.exceptions.RequestException as exc:
-            raise ImageError(f"{_redact(url)}: download failed ({_short(exc)})") from exc
+            raise ImageError(f"{redact_url(url)}: download failed ({short_error(exc)})") from exc
         return bytes(buf)
 
     def _status_message(self, url: str, status: int, label_studio: bool) -> str:
-        where = _redact(url)
+        where = redact_url(url)
         if label_studio and status in (401, 403):
-            if self.api_key is None:
+            if self.client.api_key is None:
                 hint = "set LABEL_STUDIO_API_KEY"
-            elif self._uses_pat():
+            elif self.client.uses_pat():
                 hint = "check that LABEL_STUDIO_API_KEY is a valid personal access token"
             else:
                 hint = (
@@ -667,50 +457,6 @@ class ImageLoader:
         if status == 403 and not label_studio:
             return f"{where}: access denied (HTTP 403; a pre-signed URL may have expired)"
         return f"{where}: HTTP {status}"
-
-    # -- authentication ------------------------------------------------
-    def _uses_pat(self) -> bool:
-        key = self.api_key
-        return key is not None and is_jwt(key)
-
-    def _auth_header(self, force_refresh: bool = False) -> dict[str, str]:
-        key = self.api_key
-        if not key:
-            return {}
-        if not is_jwt(key):
-            return {"Authorization": f"Token {key}"}
-        with self._token_lock:
-            now = time.time()
-            if force_refresh or self._token is None or now >= self._token.expires_at - _TOKEN_MARGIN_S:
-                self._token = self._refresh_access_token(key)
-            return {"Authorization": f"Bearer {self._token.value}"}
-
-    def _refresh_access_token(self, pat: str) -> _Token:
-        url = f"{self.label_studio_url}/api/token/refresh/"
-        resp = self._send("POST", url, json_body={"refresh": pat}, credentials=False)
-        with resp:
-            if resp.status_code != 200:
-                raise ImageError(
-                    f"Label Studio refused the personal access token (HTTP {resp.status_code} from "
-                    "/api/token/refresh/); check LABEL_STUDIO_API_KEY"
-                )
-            try:
-                access = resp.json().get("access")
-            except (ValueError, AttributeError, requests.exceptions.RequestException):
-                access = None
-        if not isinstance(access, str) or not access:
-            raise ImageError("Label Studio's /api/token/refresh/ answer has no access token")
-        exp = _jwt_exp(access)
-        expires_at = exp if exp is not None else time.time() + _DEFAULT_TOKEN_LIFETIME_S
-        log.debug("refreshed Label Studio access token, expires at %s", expires_at)
-        return _Token(access, expires_at)
-
-
-def _origin_text(origin: outbound.Origin | None) -> str:
-    if origin is None:
-        return "?"
-    scheme, host, port = origin
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 # Formats browsers (and so Label Studio) display, plus TIFF/PPM. Restricting
@@ -725,22 +471,6 @@ def _formats() -> list[str]:
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
-
-
-def _redact(url: str) -> str:
-    """URL without its query string (pre-signed URLs carry credentials there)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<malformed URL>"
-    if parts.path.startswith("/data/local-files"):
-        return url
-    return parts._replace(query="", fragment="").geturl()
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc)
-    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labelstudio_backend.label_config import parse_label_config
-from labelstudio_backend.prompts import (
+from labelstudio_io.label_config import parse_label_config
+from labelstudio_io.prompts import (
     InteractivePrompt,
     PromptError,
     check_image_size,
@@ -19,7 +19,7 @@ from labelstudio_backend.prompts import (
     prompt_from_context,
 )
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "label_studio"
+FIXTURES = Path(__file__).resolve().parents[1] / "backend" / "fixtures" / "label_studio"
 
 
 def _body(name: str) -> dict:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .geometry import percent_to_px, rotated_corners
+
 __all__ = [
     "InteractivePrompt",
     "PromptError",
@@ -132,7 +134,7 @@ def _check_coordinate(v: float, size: int, what: str, index: int) -> float:
 
 def _pixels(value: Mapping[str, Any], key: str, size: int, index: int) -> float:
     """``value[key]`` (percent) in pixels; finite percents can still overflow once scaled."""
-    out = _number(value.get(key), f"region {index} value.{key}") / 100.0 * size
+    out = percent_to_px(_number(value.get(key), f"region {index} value.{key}"), size)
     if not math.isfinite(out):
         raise PromptError(f"region {index} value.{key}={value.get(key)!r} is far outside the image")
     return out
@@ -160,15 +162,7 @@ def _rectangle(value: Mapping[str, Any], w: int, h: int, index: int) -> np.ndarr
         raise PromptError(
             f"region {index} is a degenerate box ({bw:.2f}x{bh:.2f}px); draw a larger box"
         )
-    if rotation % 360.0 == 0.0:
-        xs, ys = [x, x + bw], [y, y + bh]
-    else:
-        # Rotated around the top-left corner (Konva convention, y points down).
-        t = math.radians(rotation)
-        c, s = math.cos(t), math.sin(t)
-        corners = [(0.0, 0.0), (bw, 0.0), (bw, bh), (0.0, bh)]
-        xs = [x + cx * c - cy * s for cx, cy in corners]
-        ys = [y + cx * s + cy * c for cx, cy in corners]
+    xs, ys = rotated_corners(x, y, bw, bh, rotation)
     if not all(math.isfinite(v) for v in (*xs, *ys)):
         raise PromptError(f"region {index} box lies far outside the image")
     x1, x2 = _clip(min(xs), w), _clip(max(xs), w)

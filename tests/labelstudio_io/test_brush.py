@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
-from labelstudio_backend.brush_rle import mask_to_brush_rle
+from labelstudio_io.brush import encode_brush
 
 
 def _masks():
@@ -21,7 +21,7 @@ def _masks():
 
 @pytest.mark.parametrize("mask", list(_masks()), ids=lambda m: f"{m.shape}-{int(m.sum())}")
 def test_identical_to_sdk_and_round_trips(mask):
-    ours = mask_to_brush_rle(mask)
+    ours = encode_brush(mask)
     assert ours == mask2rle(mask.astype(np.uint8) * 255)
     h, w = mask.shape
     decoded = np.reshape(decode_rle(ours), (h, w, 4))[:, :, 3]
@@ -31,6 +31,6 @@ def test_identical_to_sdk_and_round_trips(mask):
 def test_uint8_masks_keep_their_values():
     mask = np.zeros((4, 6), np.uint8)
     mask[1:3, 2:5] = 255
-    assert mask_to_brush_rle(mask) == mask2rle(mask)
+    assert encode_brush(mask) == mask2rle(mask)
     with pytest.raises(ValueError):
-        mask_to_brush_rle(np.zeros((2, 2, 2), bool))
+        encode_brush(np.zeros((2, 2, 2), bool))

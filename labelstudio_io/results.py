@@ -2,8 +2,8 @@
 
 Label Studio stores whatever a backend returns without checking it against the
 label config, so everything the editor needs is produced and checked here:
-the brush RLE in Label Studio's own format (via ``label_studio_sdk``'s
-encoder, at the image's natural size), or a polygon / box in percent of the
+the brush RLE in Label Studio's own format (:mod:`.brush`, at the image's
+natural size), or a polygon / box in percent of the
 image. Every builder returns ``None`` for an empty mask, so callers can skip
 it instead of storing a region the editor cannot show.
 """
@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from .brush_rle import mask_to_brush_rle
+from ovsam.boxes import mask_to_box
+
+from .brush import encode_brush
+from .geometry import px_to_percent
 
 if TYPE_CHECKING:
     from .label_config import ProjectSchema
@@ -121,7 +124,7 @@ def brush_result(
     if not m.any():
         return None
     height, width = m.shape
-    value = {"format": "rle", "rle": mask_to_brush_rle(m)}  # byte-identical to the SDK's mask2rle
+    value = {"format": "rle", "rle": encode_brush(m)}  # byte-identical to the SDK's mask2rle
     return _base("brushlabels", width, height, label, from_name, to_name, score, meta, value)
 
 
@@ -151,8 +154,8 @@ def mask_to_polygon(mask: Any, epsilon_px: float | None = None) -> list[list[flo
         x0, y0 = contour.reshape(-1, 2).min(axis=0)
         x1, y1 = contour.reshape(-1, 2).max(axis=0) + 1
         pts = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
-    pts[:, 0] = np.clip(pts[:, 0] / width * 100.0, 0.0, 100.0)
-    pts[:, 1] = np.clip(pts[:, 1] / height * 100.0, 0.0, 100.0)
+    pts[:, 0] = np.clip(px_to_percent(pts[:, 0], width), 0.0, 100.0)
+    pts[:, 1] = np.clip(px_to_percent(pts[:, 1], height), 0.0, 100.0)
     return [[round(float(x), 4), round(float(y), 4)] for x, y in pts]
 
 
@@ -209,19 +212,16 @@ def rectangle_result(
         h_img, w_img = m.shape
         if width is not None and width != w_img or height is not None and height != h_img:
             raise ValueError(f"mask is {w_img}x{h_img} but width/height say {width}x{height}")
-        cols = np.flatnonzero(m.any(axis=0))
-        rows = np.flatnonzero(m.any(axis=1))
-        if len(cols) == 0:
+        if not m.any():
             return None
-        x1, x2 = float(cols[0]), float(cols[-1] + 1)
-        y1, y2 = float(rows[0]), float(rows[-1] + 1)
+        x1, y1, x2, y2 = (float(v) for v in mask_to_box(m))
     if x2 - x1 <= 0 or y2 - y1 <= 0:
         return None
     value = {
-        "x": x1 / w_img * 100.0,
-        "y": y1 / h_img * 100.0,
-        "width": (x2 - x1) / w_img * 100.0,
-        "height": (y2 - y1) / h_img * 100.0,
+        "x": px_to_percent(x1, w_img),
+        "y": px_to_percent(y1, h_img),
+        "width": px_to_percent(x2 - x1, w_img),
+        "height": px_to_percent(y2 - y1, h_img),
         "rotation": 0,
     }
     return _base("rectanglelabels", w_img, h_img, label, from_name, to_name, score, meta, value)

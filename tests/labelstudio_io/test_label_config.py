@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from labelstudio_backend.label_config import (
+from labelstudio_io.label_config import (
     LabelConfigError,
     ProjectSchema,
     parse_label_config,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "label_studio"
+FIXTURES = Path(__file__).resolve().parents[1] / "backend" / "fixtures" / "label_studio"
 SHIPPED = sorted((REPO / "label_configs").glob("*.xml"))
 
 

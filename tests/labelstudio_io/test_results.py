@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
 
-from labelstudio_backend.label_config import parse_label_config
-from labelstudio_backend.results import (
+from labelstudio_io.label_config import parse_label_config
+from labelstudio_io.results import (
     brush_result,
     json_safe,
     mask_result,
@@ -23,7 +23,7 @@ from labelstudio_backend.results import (
     top_k_meta,
 )
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "label_studio"
+FIXTURES = Path(__file__).resolve().parents[1] / "backend" / "fixtures" / "label_studio"
 
 
 def _decode(result: dict) -> np.ndarray:

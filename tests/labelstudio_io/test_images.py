@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labelstudio_backend.images import ImageError, ImageLoader, ImageLoaderConfig, is_jwt
+from labelstudio_io.client import is_jwt
+from labelstudio_io.images import ImageError, ImageLoader, ImageLoaderConfig
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -445,12 +446,12 @@ def test_relative_url_needs_label_studio_url():
 
 def test_setup_fallback(ls_url):
     ld = loader()
-    ld.update_from_setup(ls_url, LEGACY_KEY)
+    ld.client.update_from_setup(ls_url, LEGACY_KEY)
     assert ld.load("/data/upload/1/a.png").shape == (12, 16, 3)
     # environment values win over /setup
     ld = loader(ls_url, PAT)
-    ld.update_from_setup("http://localhost:1", LEGACY_KEY)
-    assert (ld.label_studio_url, ld.api_key) == (ls_url, PAT)
+    ld.client.update_from_setup("http://localhost:1", LEGACY_KEY)
+    assert (ld.client.label_studio_url, ld.client.api_key) == (ls_url, PAT)
 
 
 def test_from_env_aliases_and_numbers(tmp_path):

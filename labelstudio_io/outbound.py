@@ -17,7 +17,7 @@ redirects, Label Studio's token refresh and export) goes through one guarded
   open new connections and are checked the same way.
 * **Credentials only to Label Studio.** The connection refuses to send an
   ``Authorization`` header anywhere but Label Studio's origin (scheme, host and
-  port), as a second line behind the loader's own rule.
+  port), as a second line behind the client's own rule (``client.py``).
 
 Proxies are not used (``trust_env = False``): through a proxy the policy could
 not see the address that is contacted. Cookies are not kept either.
