@@ -151,7 +151,8 @@ def _evaluate(trained, tasks_file: Path, report_dir: Path, progress: bool) -> di
 def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from ovsam.artifact import load_artifact, save_artifact
-    from training.finetune import FinetuneConfig, finetune
+    from training.finetune import finetune
+    from training.finetune_config import FinetuneConfig
 
     work, progress = args.work, not args.no_progress
     work.mkdir(parents=True, exist_ok=True)

@@ -224,7 +224,7 @@ def distill(cfg: DistillConfig, on_progress: Optional[Callable[[Dict[str, Any]],
                       "command": cfg.command or " ".join(sys.argv), "sam_checkpoint": cfg.sam_checkpoint,
                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "hyperparameters": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("images", "command")}}
-        from training.finetune import git_commit
+        from training.provenance import git_commit
 
         provenance["git_commit"] = git_commit()
         model.eval()

@@ -14,7 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_finetune_support import LABELS, make_synth, make_tiny_artifact, renamed_coco  # noqa: E402
 
 from training import losses as L  # noqa: E402
-from training.finetune import FinetuneConfig, finetune, main_finetune, make_version  # noqa: E402
+from training.finetune import finetune  # noqa: E402
+from training.finetune_cli import main_finetune  # noqa: E402
+from training.finetune_config import FinetuneConfig  # noqa: E402
+from training.provenance import make_version  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +348,7 @@ def test_mask_pooling_classifies_gt_masks_in_training(world, tmp_path):
     from ovsam.roi import boxes_to_rois, mask_occupancy
     from training.data.types import Instance, Sample
     from training.dataset import CLIP2SAMDataset, ExampleConfig, collate_examples, load_training_data, make_image_source
-    from training.finetune import CLIP2SAMTrainStep
+    from training.train_step import CLIP2SAMTrainStep
 
     base = make_tiny_artifact(tmp_path / "masked.safetensors", head_mask_pooling=True)
     art = load_artifact(base)
@@ -384,7 +387,7 @@ def test_the_label_fit_sees_each_object_as_the_served_model_does(tmp_path):
     from training.dataset import CLIP2SAMDataset, ExampleConfig, collate_examples, load_training_data, make_image_source
     from training.demo_model import DEFAULT_OUT
     from training.evaluate import center_prompt
-    from training.finetune import CLIP2SAMTrainStep
+    from training.train_step import CLIP2SAMTrainStep
     from training.label_fit import unique_instances
 
     art = load_artifact(DEFAULT_OUT)
@@ -494,15 +497,15 @@ def test_training_labels_against_a_larger_classifier(world, tmp_path):
     labels (the annotated two base, the others novel); the label fit moves only the annotated rows."""
     from ovsam.artifact import load_artifact
     from training.dataset import collate_examples
-    from training.finetune import _Run, to_device
+    from training.finetune import start_run
+    from training.train_step import to_device
     from training.vocab_cli import project_vocabulary
 
     classifier = ["triangle", "circle", "star", "square"]
     cfg = _cfg(world, tmp_path / "run", label_config=None, labels=["circle", "square"], classifier_labels=classifier,
                augment=False,
                cache_features=True, max_steps=2, fit_label_embeddings=True)
-    run = _Run(cfg, None)
-    run.setup(None, None, None)
+    run = start_run(cfg)
     assert run.vocab.labels == classifier and run.vocab.is_base.tolist() == [False, True, False, True]
     example = run.dataset[0]
     names = {classifier[i] for i in example["labels"].tolist()}
