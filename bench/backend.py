@@ -154,10 +154,11 @@ class LocalPredictor:
         from labelstudio_backend.label_config import parse_label_config
         from ovsam.artifact import load_artifact
         from ovsam.predictor import OVSAMPredictor
+        from ovsam.vocabulary import artifact_vocabulary
 
         loaded = load_artifact(artifact)
         self.schema = parse_label_config(label_config)
-        vocabulary = loaded.vocabulary.subset(self.schema.labels)
+        vocabulary = artifact_vocabulary(loaded, self.schema.labels, self.schema.synonyms)  # as the server builds it
         self.predictor = OVSAMPredictor(loaded.model, vocabulary, cache_bytes=4 << 30, device=device)
 
 

@@ -11,13 +11,16 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
 
 from .config import OVSAMConfig, get_config
 from .model import OVSAM
+
+if TYPE_CHECKING:
+    from .class_texts import ReferenceVocabulary
 
 StateDict = Dict[str, torch.Tensor]
 PathLike = Union[str, os.PathLike]
@@ -391,13 +394,16 @@ def load_model(
     cfg: Optional[OVSAMConfig] = None,
     variant: Optional[str] = None,
     labels: Sequence[str] = COCO_CLASSES,
+    reference: Optional[ReferenceVocabulary] = None,
 ):
     """The one loader behind `OVSAM_CHECKPOINT`: an artifact file, or a directory of the official files.
 
     For a directory the vocabulary is `labels` (COCO's 80 by default) embedded by the CLIP text tower; with
     the COCO head, `is_base` marks the 48 base classes it was trained on (all labels count as base for LVIS).
     COCO's 80 classes are embedded from the reference's synonym texts, and its 15 classes in neither split are
-    excluded (scored -1000 after the fusion) as in the reference's evaluation.
+    excluded (scored -1000 after the fusion) as in the reference's evaluation. `reference` (a benchmark's
+    vocabulary, e.g. LVIS's from its annotation file) replaces `labels`: its classes, texts and split are stored,
+    its base classes being what the official head was trained on. An artifact file keeps its own vocabulary.
     """
     from .artifact import ModelArtifact, load_artifact
     from .class_texts import coco_reference_vocabulary
@@ -421,9 +427,10 @@ def load_model(
     del clip_state
     base = [l for l in labels if l in COCO_BASE_CLASSES] if is_coco else list(labels)
     texts = excluded = None
-    if is_coco and list(labels) == list(COCO_CLASSES):  # the paper's COCO vocabulary, as the reference embeds it
+    if reference is None and is_coco and list(labels) == list(COCO_CLASSES):  # the paper's COCO vocabulary
         reference = coco_reference_vocabulary()
-        texts, excluded = reference.texts, list(reference.excluded)
+    if reference is not None:
+        labels, base, texts, excluded = reference.labels, reference.base, reference.texts, list(reference.excluded)
     vocabulary = VocabularyBuilder(text_encoder).build(list(labels), base_labels=base, texts=texts,
                                                        excluded_labels=excluded)
     provenance = {

@@ -139,18 +139,14 @@ def read_image(path: str) -> np.ndarray:
 
 
 def choose_vocabulary(artifact, labels: Optional[Sequence[str]]):
-    """The artifact's vocabulary, a subset of it, or a new one embedded by its text tower (new labels are novel)."""
-    vocab = artifact.vocabulary
-    if not labels or list(labels) == list(vocab.labels):
-        return vocab
+    """The artifact's vocabulary, or `--labels` as `artifact_vocabulary` gives them (the backend's rule)."""
+    if not labels or list(labels) == list(artifact.vocabulary.labels):
+        return artifact.vocabulary
     if len(set(labels)) != len(labels):
         raise CLIError(f"duplicate names in --labels: {list(labels)}")
-    if all(l in vocab.labels for l in labels):
-        return vocab.subset(labels)
-    from .vocabulary import VocabularyBuilder
+    from .vocabulary import artifact_vocabulary
 
-    base = [l for l in labels if l in vocab.labels and bool(vocab.is_base[vocab.index(l)])]
-    return VocabularyBuilder(artifact.get_text_encoder()).build(list(labels), base_labels=base)
+    return artifact_vocabulary(artifact, labels)
 
 
 def draw_overlay(image: np.ndarray, prediction, points: Sequence[Tuple[float, float, int]], box) -> np.ndarray:

@@ -49,30 +49,31 @@ def check_classifier(labels: Sequence[str], classifier: Sequence[str], excluded:
 
 def classifier_vocabulary(artifact: ModelArtifact, cfg: FinetuneConfig, data: TrainingData,
                           reference: Optional[ReferenceVocabulary] = None) -> Vocabulary:
-    """The vocabulary the head's logits are computed against during training, validation and the gate, and the one
-    the artifact keeps for serving.
+    """The classifier's labels as `artifact` recognises them (`ovsam.vocabulary.resolve_vocabulary`, the backend's
+    rule): the gate scores the serving model with exactly the base/novel weighting it is served with.
 
-    Default: the training labels, all base. With a larger classifier (`cfg.classifier_vocabulary` or
-    `cfg.classifier_labels`): its labels in its order, the training labels base and the others novel (so a served
-    model fuses them with CLIP weight beta and can name classes nobody annotated). The loss keeps novel and excluded
-    classes in the softmax as negatives, as the reference's CLIP2SAM training keeps all 80 COCO classes plus
-    background in its classifier while its targets are the 48 base classes; COCO's 15 excluded classes are scored
-    -1000 only after the fusion, at inference, as in the reference's evaluation.
+    Default: the training labels. With a larger classifier (`cfg.classifier_vocabulary` or `cfg.classifier_labels`):
+    its labels in its order. The loss keeps novel and excluded classes in the softmax as negatives, as the reference's
+    CLIP2SAM training keeps all 80 COCO classes plus background in its classifier while its targets are the 48 base
+    classes; COCO's 15 excluded classes are scored -1000 only after the fusion, at inference, as in the reference's
+    evaluation. The new model's own classifier is `trained_classifier` of this one.
     """
-    from ovsam.vocabulary import VocabularyBuilder
-    from training.vocab_cli import project_vocabulary
+    from ovsam.vocabulary import artifact_vocabulary
 
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     if reference is not None:
         check_classifier(data.labels, reference.labels, reference.excluded)
-        builder = VocabularyBuilder(artifact.get_text_encoder(), cache)
-        return builder.build(list(reference.labels), texts=reference.texts, base_labels=data.labels,
-                             excluded_labels=list(reference.excluded))
+        return artifact_vocabulary(artifact, reference.labels, cache_dir=cache, texts=reference.texts,
+                                   excluded_labels=reference.excluded)
     if cfg.classifier_labels:
         check_classifier(data.labels, cfg.classifier_labels)
-        return project_vocabulary(artifact, cfg.classifier_labels, data.synonyms, base_labels=data.labels,
-                                  cache_dir=cache)
-    return project_vocabulary(artifact, data.labels, data.synonyms, cache_dir=cache)
+    return artifact_vocabulary(artifact, cfg.classifier_labels or data.labels, data.synonyms, cache_dir=cache)
+
+
+def trained_classifier(classifier: Vocabulary, labels: Sequence[str]) -> Vocabulary:
+    """The classifier as the fine-tuned artifact keeps it: base iff trained on (`labels`), the others novel (so a
+    served model fuses them with CLIP weight beta and can name classes nobody annotated)."""
+    return classifier.with_base(labels)
 
 
 def classifier_summary(vocab: Vocabulary, cfg: FinetuneConfig) -> Dict[str, Any]:

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="Label Studio export JSON or COCO instances JSON")
     p.add_argument("--image-root", help="folder image paths are relative to (default: next to --data)")
     p.add_argument("--prompt", choices=("box", "center", "both"), default="both")
-    p.add_argument("--base-labels", help="comma-separated base classes; the others are reported as novel")
+    p.add_argument("--base-labels", help="comma-separated classes reported as base, the others as novel (the fusion's "
+                        "base/novel weighting is the model's own: ovsam.vocabulary.resolve_vocabulary)")
     p.add_argument("--labels", help="comma-separated vocabulary (default: --label-config, else the data's labels)")
     p.add_argument("--label-config", help="Label Studio label config (XML file) giving the vocabulary")
     p.add_argument("--split", choices=("all", "val", "train"), default="all",

@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ovsam.artifact import ModelArtifact, save_artifact
 from ovsam.model import OVSAM
 from ovsam.vocabulary import Vocabulary
-from training.classifier import classifier_summary, classifier_vocabulary, reference_classifier, training_labels
+from training.classifier import (classifier_summary, classifier_vocabulary, reference_classifier, trained_classifier,
+                                 training_labels)
 from training.dataset import TrainingData, load_training_data, make_image_source, read_label_config
 from training.distributed import cleanup_distributed, init_distributed
 from training.engine import FinetuneRun, ProgressFn, TrainingInputs
@@ -87,7 +88,7 @@ def prepare_inputs(cfg: FinetuneConfig, device: Any, data: Optional[TrainingData
     images = images or make_image_source(roots)
     base = base or load_model_any(cfg.base, device="cpu")
     model = prepare_model(base.model.to(device), cfg)
-    vocab = classifier_vocabulary(base, cfg, data, reference)
+    vocab = trained_classifier(classifier_vocabulary(base, cfg, data, reference), data.labels)
     train, val = split_data(data, cfg, val_data)
     train = usable(train, data.labels)
     if not train:

@@ -307,6 +307,19 @@ def test_load_model_lvis_head_marks_all_labels_base(official_dir):
     assert art.vocabulary.synonyms == [["cat"], ["dog"]]  # other label sets: their names
 
 
+def test_load_model_stores_a_reference_vocabulary_with_its_split(official_dir):
+    """An LVIS benchmark's classes: the official LVIS head was trained on the common and frequent ones."""
+    from ovsam.class_texts import lvis_reference_vocabulary
+
+    (official_dir / "clip2sam_coco_rn50x16.pth").rename(official_dir / "clip2sam_lvis_rn50x16.pth")
+    cats = [{"id": 1, "name": "aerosol_can", "frequency": "f"}, {"id": 2, "name": "bow_(weapon)", "frequency": "r"},
+            {"id": 3, "name": "CD_player", "frequency": "c"}]
+    art = ck.load_model(official_dir, cfg=TINY, reference=lvis_reference_vocabulary(cats))
+    assert art.vocabulary.labels == ["aerosol_can", "bow_(weapon)", "CD_player"]
+    assert art.vocabulary.is_base.tolist() == [True, False, True] and not art.vocabulary.excluded.any()
+    assert art.vocabulary.synonyms[1] == ["bow (weapon)"]
+
+
 def test_lvis_preset_pools_head_rois_at_7_like_the_reference_lvis_config():
     lvis, coco = get_config("rn50x16_lvis"), get_config("rn50x16")
     assert lvis.head_roi_size == 7 and coco.head_roi_size == 12

@@ -432,7 +432,7 @@ def test_cli_fit_label_embeddings_alone_moves_only_the_label_rows(world, tmp_pat
     """`--fit-label-embeddings --max-steps 0`: the head stays the base's, the artifact's rows are fitted to the
     annotated objects (they name them at least as well as the text rows did), and they are what is served."""
     from ovsam.artifact import load_artifact
-    from training.vocab_cli import project_vocabulary
+    from ovsam.vocabulary import artifact_vocabulary
 
     argv = _cli_argv(world, tmp_path / "fit", "--max-steps", "0", "--no-augment", "--cache-features",
                      "--fit-label-embeddings")
@@ -442,11 +442,11 @@ def test_cli_fit_label_embeddings_alone_moves_only_the_label_rows(world, tmp_pat
     assert all(torch.equal(before[k], after[k]) for k in before)
     art, base = load_artifact(out), load_artifact(world["artifact"])
     labels = art.vocabulary.labels
-    assert not torch.allclose(art.vocabulary.embeddings.float(), project_vocabulary(base, labels).embeddings.float())
+    assert not torch.allclose(art.vocabulary.embeddings.float(), artifact_vocabulary(base, labels).embeddings.float())
     fit = art.provenance["label_fit"]
     assert sum(fit["objects"].values()) > 0 and fit["train_accuracy_after"] >= fit["train_accuracy_before"]
     assert art.provenance["steps"] == 0
-    assert torch.equal(project_vocabulary(art, labels).embeddings, art.vocabulary.embeddings)  # served as fitted
+    assert torch.equal(artifact_vocabulary(art, labels).embeddings, art.vocabulary.embeddings)  # served as fitted
     with pytest.raises(ValueError, match="max-steps 0"):
         _cfg(world, tmp_path, max_steps=0)
 
@@ -499,7 +499,7 @@ def test_training_labels_against_a_larger_classifier(world, tmp_path):
     from training.dataset import collate_examples
     from training.finetune import start_run
     from training.train_step import to_device
-    from training.vocab_cli import project_vocabulary
+    from ovsam.vocabulary import artifact_vocabulary
 
     classifier = ["triangle", "circle", "star", "square"]
     cfg = _cfg(world, tmp_path / "run", label_config=None, labels=["circle", "square"], classifier_labels=classifier,
@@ -517,7 +517,7 @@ def test_training_labels_against_a_larger_classifier(world, tmp_path):
     result = finetune(cfg)
     art = load_artifact(result.artifact)
     assert art.vocabulary.labels == classifier and art.vocabulary.is_base.tolist() == [False, True, False, True]
-    text = project_vocabulary(load_artifact(world["artifact"]), classifier).embeddings
+    text = artifact_vocabulary(load_artifact(world["artifact"]), classifier).embeddings
     moved = [not torch.allclose(art.vocabulary.embeddings[i].float(), text[i].float()) for i in range(4)]
     assert moved == [False, True, False, True]
     assert art.provenance["classifier"] == {"source": "labels", "labels": 4, "base": 2, "excluded": 0, "novel": 2}
