@@ -107,24 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    import torch
-
     from .artifact import save_artifact
-    from .config import get_config
-    from .model import OVSAM
-    from .text import load_pretrained_text_encoder
-    from .vocabulary import VocabularyBuilder
+    from .random_model import build_random
 
-    torch.manual_seed(args.seed)
-    cfg = get_config(args.config)
-    model = OVSAM(cfg)
-    text = load_pretrained_text_encoder(cfg)  # custom towers: random; official ones: open_clip pretrained
-    vocabulary = VocabularyBuilder(text).build(args.labels)
-    version = args.version or f"{cfg.name}-init"
-    provenance = {"kind": "random-init", "config": args.config, "seed": args.seed, "command": " ".join(sys.argv)}
-    path = save_artifact(args.out, model, vocabulary, version, provenance=provenance,
-                         text_encoder=text if cfg.text_cfg is not None else None)
-    print(f"wrote {path} ({version}, {len(vocabulary)} labels)")
+    art = build_random(args.config, args.labels, args.seed, args.version,
+                       {"config": args.config, "command": " ".join(sys.argv)})
+    own_text = art.config.text_cfg is not None  # official presets' towers are open_clip's pretrained ones: not saved
+    path = save_artifact(args.out, art.model, art.vocabulary, art.version, provenance=art.provenance,
+                         text_encoder=art.text_encoder if own_text else None)
+    print(f"wrote {path} ({art.version}, {len(art.vocabulary)} labels)")
     return 0
 
 
