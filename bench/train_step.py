@@ -1,7 +1,7 @@
 """Throughput and peak memory of one CLIP2SAM fine-tuning step at the official configuration.
 
 One step = frozen CLIP trunk + SAM2CLIP neck forward (no grad), FPN + mask decoder + RoI classifier
-forward and backward, the spec's losses (CE, point-sampled BCE + Dice), gradient clipping and an AdamW
+forward and backward, the reference's losses (CE, point-sampled BCE + Dice), gradient clipping and an AdamW
 update: exactly `training.train_step`'s step, on synthetic LSJ-augmented images with 40 prompts each
 (21 boxes, 19 points). Weights are random at the official shapes (`get_config('rn50x16')`), so only
 speed is measured. On CUDA the forward runs under bf16 autocast, as in training.

@@ -1,4 +1,4 @@
-"""Official OVSAM / SAM / OpenCLIP weights -> our `OVSAM` (spec §5).
+"""Official OVSAM / SAM / OpenCLIP weights -> our `OVSAM` (docs/REFERENCE_NOTES.md, key layouts).
 
 Every source is renamed by an explicit mapper and loaded strictly: a key we do not know how to map, a
 key the model lacks, a missing key or a shape mismatch is a `CheckpointError` naming the keys. After
@@ -194,13 +194,13 @@ CLIP2SAM_RULES: Tuple[Tuple[str, str], ...] = (
 
 
 def map_clip2sam(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """CLIP2SAM head + FPN (mmdet/mmcv names) -> `head.*` (spec §5.2)."""
+    """CLIP2SAM head + FPN (mmdet/mmcv names) -> `head.*`."""
     return _rename(state, CLIP2SAM_RULES, "clip2sam checkpoint")
 
 
 SAM_PARTS = ("prompt_encoder", "pos_embed", "mask_decoder")
 _SAM_TARGET = {"prompt_encoder": "prompt_encoder.", "pos_embed": "neck.pos_embed", "mask_decoder": "head.mask_decoder."}
-# SAM's multi-output parts that OVSAM's single-mask, IoU-free decoder drops (spec §1.6).
+# SAM's multi-output parts that OVSAM's single-mask, IoU-free decoder drops.
 _SAM_DECODER_DROPPED = re.compile(r"iou_token\..+|iou_prediction_head\..+|output_hypernetworks_mlps\.[1-9]\d*\..+")
 
 

@@ -1,4 +1,4 @@
-"""Label vocabularies: names + synonyms -> unit-norm CLIP text prototypes [K, P, D], cached on disk (spec §3)."""
+"""Label vocabularies: names + synonyms -> unit-norm CLIP text prototypes [K, P, D], cached on disk."""
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +34,7 @@ VILD_TEMPLATES = (
 
 
 def split_label(name: str) -> List[str]:
-    """The reference's synonym splitting of dataset class names (keeps its quirk, bug B6)."""
+    """The reference's synonym splitting of dataset class names (keeps its quirk, docs/REFERENCE_NOTES.md B6)."""
     name = name.replace("_or_", ",").replace("/", ",").replace("_", " ").lower()
     return [s.strip() for s in name.split(",") if s.strip()]
 

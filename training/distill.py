@@ -1,4 +1,4 @@
-"""`python -m training distill`: SAM2CLIP (spec §2.1) — train the neck to reproduce SAM's image embedding.
+"""`python -m training distill`: SAM2CLIP — train the neck to reproduce SAM's image embedding.
 
 Only the SAM2CLIP neck learns (its `pos_embed` is a frozen buffer); the CLIP trunk is frozen. The
 targets are the fp16 embeddings written by `dump-sam-features`, looked up by image stem. Loss: MSE

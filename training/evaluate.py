@@ -1,7 +1,7 @@
-"""`python -m training evaluate`: the paper's GT-prompt metric (spec §4) for one model on one data set.
+"""`python -m training evaluate`: the paper's GT-prompt metric for one model on one data set.
 
 Every GT instance of an image is one prompt, given all at once through `OVSAMPredictor.predict_batch`:
-its GT box ('box') and/or the spec's mask centre point ('center', §1.5). Per instance we record mask
+its GT box ('box') and/or the reference's mask centre point ('center'). Per instance we record mask
 IoU at the original resolution and whether the predicted label is right; averages are micro over
 instances (as the paper), optionally split base/novel, with a per-class table. Box-only instances (no
 GT mask) cannot be scored and are counted as skipped.
@@ -47,7 +47,7 @@ def center_prompt(mask: np.ndarray, frame: ImageFrame) -> np.ndarray:
 
 
 def make_prompt(mode: str, mask: np.ndarray, box: np.ndarray, frame: ImageFrame) -> Prompt:
-    # clip_box is only read in the model's 'faithful' mode: the reference's unscaled GT box (bug B1).
+    # clip_box is only read in the model's 'faithful' mode: the reference's unscaled GT box (docs/REFERENCE_NOTES.md B1).
     clip_box = np.asarray(box, np.float32)
     if mode == "box":
         return Prompt(box=np.asarray(box, np.float32), clip_box=clip_box)

@@ -1,4 +1,4 @@
-"""Loading the released OVSAM / SAM / OpenCLIP key layouts (spec §5) into our model, strictly."""
+"""Loading the released OVSAM / SAM / OpenCLIP key layouts into our model, strictly."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -377,11 +377,11 @@ def test_official_key_counts_and_shapes(official_meta, official_layout):
     cfg, model = official_meta
     s2c = official_layout.sam2clip(cfg, meta=True)
     c2s = official_layout.clip2sam(cfg, meta=True)
-    assert len(s2c) == 86  # 1 pos_embed + 1 level encoding + 8 patch embed + 5x14 block + 6 neck (spec §8)
+    assert len(s2c) == 86  # 1 pos_embed + 1 level encoding + 8 patch embed + 5x14 block + 6 neck
     assert len([k for k in c2s if k.startswith("fpn_neck.")]) == 16
     assert len([k for k in c2s if k.startswith("mask_decoder.mask_decoder.")]) == 95
     assert len(c2s) == 95 + 1 + 6 + 1 + 16
-    # parameter counts of spec §5.1/5.2: SAM2CLIP 128.84 M (+ the 5.24 M pos_embed buffer), CLIP2SAM 7.867 M
+    # parameter counts of the released files: SAM2CLIP 128.84 M (+ the 5.24 M pos_embed buffer), CLIP2SAM 7.867 M
     assert sum(v.numel() for k, v in s2c.items() if not k.endswith("pos_embed")) == 128_844_768
     assert s2c["neck_student.pos_embed"].numel() == 5_242_880
     assert sum(v.numel() for v in c2s.values()) == 7_867_008
