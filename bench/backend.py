@@ -132,19 +132,12 @@ def click_body(template: dict[str, Any], image_path: str, width: int, height: in
 def build_model(model: str, workdir: Path) -> Path:
     if model != "tiny":
         return Path(model).resolve()
-    import torch
-
     from ovsam.artifact import save_artifact
-    from ovsam.config import get_config
-    from ovsam.model import OVSAM
-    from ovsam.text import TextEncoder
-    from ovsam.vocabulary import VocabularyBuilder
+    from ovsam.random_model import build_random
 
-    torch.manual_seed(0)
-    cfg = get_config("tiny")
-    m, te = OVSAM(cfg).eval(), TextEncoder.from_config(cfg).eval()
-    vocab = VocabularyBuilder(te, cache_dir=workdir / "vocab").build(["cat", "dog", "car"])
-    return save_artifact(workdir / "tiny-bench.safetensors", m, vocab, "tiny-bench", text_encoder=te)
+    art = build_random("tiny", ["cat", "dog", "car"], 0, "tiny-bench", cache_dir=workdir / "vocab")
+    return save_artifact(workdir / "tiny-bench.safetensors", art.model, art.vocabulary, art.version,
+                         text_encoder=art.text_encoder)
 
 
 class LocalPredictor:
@@ -154,10 +147,11 @@ class LocalPredictor:
         from labelstudio_io.label_config import parse_label_config
         from ovsam.artifact import load_artifact
         from ovsam.predictor import OVSAMPredictor
+        from ovsam.vocabulary import artifact_vocabulary
 
         loaded = load_artifact(artifact)
         self.schema = parse_label_config(label_config)
-        vocabulary = loaded.vocabulary.subset(self.schema.labels)
+        vocabulary = artifact_vocabulary(loaded, self.schema.labels, self.schema.synonyms)  # as the server builds it
         self.predictor = OVSAMPredictor(loaded.model, vocabulary, cache_bytes=4 << 30, device=device)
 
 

@@ -1,8 +1,8 @@
 """Throughput and peak memory of one CLIP2SAM fine-tuning step at the official configuration.
 
 One step = frozen CLIP trunk + SAM2CLIP neck forward (no grad), FPN + mask decoder + RoI classifier
-forward and backward, the spec's losses (CE, point-sampled BCE + Dice), gradient clipping and an AdamW
-update: exactly `training.finetune`'s step, on synthetic LSJ-augmented images with 40 prompts each
+forward and backward, the reference's losses (CE, point-sampled BCE + Dice), gradient clipping and an AdamW
+update: exactly `training.train_step`'s step, on synthetic LSJ-augmented images with 40 prompts each
 (21 boxes, 19 points). Weights are random at the official shapes (`get_config('rn50x16')`), so only
 speed is measured. On CUDA the forward runs under bf16 autocast, as in training.
 
@@ -34,7 +34,7 @@ from ovsam import OVSAM, get_config  # noqa: E402
 from training import losses as L  # noqa: E402
 from training.data.types import Instance, Sample  # noqa: E402
 from training.dataset import CLIP2SAMDataset, ExampleConfig, collate_examples  # noqa: E402
-from training.finetune import CLIP2SAMTrainStep, compute_losses, to_device  # noqa: E402
+from training.train_step import CLIP2SAMTrainStep, compute_losses, to_device  # noqa: E402
 from training.optim import build_adamw, param_groups  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name().

@@ -29,7 +29,7 @@ import torch
 from ovsam.artifact import ModelArtifact, save_artifact
 from ovsam.checkpoint import load_model
 from ovsam.predictor import OVSAMPredictor
-from ovsam.vocabulary import Vocabulary, VocabularyBuilder, normalise_synonyms
+from ovsam.vocabulary import Vocabulary, VocabularyBuilder, resolve_vocabulary
 
 from .config import Settings
 from .lanes import PriorityLock, background_lane
@@ -239,16 +239,16 @@ class ServingModel:
         synonyms: Mapping[str, Sequence[str]],
         before_batch: Callable[[int, int], None] | None = None,
     ) -> Vocabulary:
-        """The artifact's own embeddings when the labels and synonyms match; else the text tower's (cached)."""
-        base = self.artifact.vocabulary
+        """The project's labels as `resolve_vocabulary` gives them for this artifact (the text tower's are cached)."""
+
+        def builder() -> VocabularyBuilder:
+            with self._builder_lock:
+                if self._builder is None:
+                    self._builder = VocabularyBuilder(self.artifact.get_text_encoder())
+                return self._builder
+
         names = {label: list(s) for label, s in synonyms.items()}
-        known = dict(zip(base.labels, base.synonyms))
-        if all(known.get(label) == group for label, group in zip(labels, normalise_synonyms(labels, names))):
-            return base.subset(labels)
-        with self._builder_lock:
-            if self._builder is None:
-                self._builder = VocabularyBuilder(self.artifact.get_text_encoder())
-        return self._builder.build(list(labels), names, base_labels=base.labels, before_batch=before_batch)
+        return resolve_vocabulary(self.artifact.vocabulary, labels, builder, names, before_batch=before_batch)
 
     def known_label_sets(self) -> list[tuple[list[str], dict[str, list[str]]]]:
         with self._views_lock:

@@ -48,7 +48,7 @@ class CLIPTrunk(nn.Module):
 
         RoIAlign is a fixed linear combination of pixels per channel, so it commutes with these 1x1
         projections: pooling RoIs from these maps equals projecting the pooled C5, and a click then skips
-        the two 3072x3072 projections of all 145 tokens (spec §1.8 is otherwise unchanged).
+        the two 3072x3072 projections of all 145 tokens (the CLIP branch is otherwise unchanged).
         """
         pool = self.visual.attnpool
         k = F.conv2d(c5, pool.k_proj.weight[:, :, None, None])

@@ -1,4 +1,4 @@
-"""The evaluation's click: the "centre" point of a GT mask exactly as the reference OVSAM picks it (spec §1.5).
+"""The evaluation's click: the "centre" point of a GT mask exactly as the reference OVSAM picks it.
 
 The reference (`get_center_coords`) rescales the mask to the model frame (mmcv `imrescale`, nearest), pads
 it with one pixel of background and runs kornia 0.7.x's `distance_transform` (kernel 3, h 0.35) on the
@@ -32,7 +32,7 @@ _CORNERS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 
 def reference_rescale_size(height: int, width: int, target_hw: Tuple[int, int]) -> Tuple[int, int]:
     """(h, w) that mmcv `imrescale(mask, target_hw)` gives (mmdet `BitmapMasks.rescale`): the scale fits both
-    the long and the short side of the target, so the result can be a pixel smaller than it (spec B10)."""
+    the long and the short side of the target, so the result can be a pixel smaller than it (docs/REFERENCE_NOTES.md B10)."""
     long_edge, short_edge = max(target_hw), min(target_hw)
     scale = min(long_edge / max(height, width), short_edge / min(height, width))
     return int(height * scale + 0.5), int(width * scale + 0.5)

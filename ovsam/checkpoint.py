@@ -1,4 +1,4 @@
-"""Official OVSAM / SAM / OpenCLIP weights -> our `OVSAM` (spec §5).
+"""Official OVSAM / SAM / OpenCLIP weights -> our `OVSAM` (docs/REFERENCE_NOTES.md, key layouts).
 
 Every source is renamed by an explicit mapper and loaded strictly: a key we do not know how to map, a
 key the model lacks, a missing key or a shape mismatch is a `CheckpointError` naming the keys. After
@@ -11,13 +11,16 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
 
 from .config import OVSAMConfig, get_config
 from .model import OVSAM
+
+if TYPE_CHECKING:
+    from .class_texts import ReferenceVocabulary
 
 StateDict = Dict[str, torch.Tensor]
 PathLike = Union[str, os.PathLike]
@@ -191,13 +194,13 @@ CLIP2SAM_RULES: Tuple[Tuple[str, str], ...] = (
 
 
 def map_clip2sam(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """CLIP2SAM head + FPN (mmdet/mmcv names) -> `head.*` (spec §5.2)."""
+    """CLIP2SAM head + FPN (mmdet/mmcv names) -> `head.*`."""
     return _rename(state, CLIP2SAM_RULES, "clip2sam checkpoint")
 
 
 SAM_PARTS = ("prompt_encoder", "pos_embed", "mask_decoder")
 _SAM_TARGET = {"prompt_encoder": "prompt_encoder.", "pos_embed": "neck.pos_embed", "mask_decoder": "head.mask_decoder."}
-# SAM's multi-output parts that OVSAM's single-mask, IoU-free decoder drops (spec §1.6).
+# SAM's multi-output parts that OVSAM's single-mask, IoU-free decoder drops.
 _SAM_DECODER_DROPPED = re.compile(r"iou_token\..+|iou_prediction_head\..+|output_hypernetworks_mlps\.[1-9]\d*\..+")
 
 
@@ -391,13 +394,16 @@ def load_model(
     cfg: Optional[OVSAMConfig] = None,
     variant: Optional[str] = None,
     labels: Sequence[str] = COCO_CLASSES,
+    reference: Optional[ReferenceVocabulary] = None,
 ):
     """The one loader behind `OVSAM_CHECKPOINT`: an artifact file, or a directory of the official files.
 
     For a directory the vocabulary is `labels` (COCO's 80 by default) embedded by the CLIP text tower; with
     the COCO head, `is_base` marks the 48 base classes it was trained on (all labels count as base for LVIS).
     COCO's 80 classes are embedded from the reference's synonym texts, and its 15 classes in neither split are
-    excluded (scored -1000 after the fusion) as in the reference's evaluation.
+    excluded (scored -1000 after the fusion) as in the reference's evaluation. `reference` (a benchmark's
+    vocabulary, e.g. LVIS's from its annotation file) replaces `labels`: its classes, texts and split are stored,
+    its base classes being what the official head was trained on. An artifact file keeps its own vocabulary.
     """
     from .artifact import ModelArtifact, load_artifact
     from .class_texts import coco_reference_vocabulary
@@ -421,9 +427,10 @@ def load_model(
     del clip_state
     base = [l for l in labels if l in COCO_BASE_CLASSES] if is_coco else list(labels)
     texts = excluded = None
-    if is_coco and list(labels) == list(COCO_CLASSES):  # the paper's COCO vocabulary, as the reference embeds it
+    if reference is None and is_coco and list(labels) == list(COCO_CLASSES):  # the paper's COCO vocabulary
         reference = coco_reference_vocabulary()
-        texts, excluded = reference.texts, list(reference.excluded)
+    if reference is not None:
+        labels, base, texts, excluded = reference.labels, reference.base, reference.texts, list(reference.excluded)
     vocabulary = VocabularyBuilder(text_encoder).build(list(labels), base_labels=base, texts=texts,
                                                        excluded_labels=excluded)
     provenance = {

@@ -107,24 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    import torch
-
     from .artifact import save_artifact
-    from .config import get_config
-    from .model import OVSAM
-    from .text import load_pretrained_text_encoder
-    from .vocabulary import VocabularyBuilder
+    from .random_model import build_random
 
-    torch.manual_seed(args.seed)
-    cfg = get_config(args.config)
-    model = OVSAM(cfg)
-    text = load_pretrained_text_encoder(cfg)  # custom towers: random; official ones: open_clip pretrained
-    vocabulary = VocabularyBuilder(text).build(args.labels)
-    version = args.version or f"{cfg.name}-init"
-    provenance = {"kind": "random-init", "config": args.config, "seed": args.seed, "command": " ".join(sys.argv)}
-    path = save_artifact(args.out, model, vocabulary, version, provenance=provenance,
-                         text_encoder=text if cfg.text_cfg is not None else None)
-    print(f"wrote {path} ({version}, {len(vocabulary)} labels)")
+    art = build_random(args.config, args.labels, args.seed, args.version,
+                       {"config": args.config, "command": " ".join(sys.argv)})
+    own_text = art.config.text_cfg is not None  # official presets' towers are open_clip's pretrained ones: not saved
+    path = save_artifact(args.out, art.model, art.vocabulary, art.version, provenance=art.provenance,
+                         text_encoder=art.text_encoder if own_text else None)
+    print(f"wrote {path} ({art.version}, {len(art.vocabulary)} labels)")
     return 0
 
 
@@ -139,18 +130,14 @@ def read_image(path: str) -> np.ndarray:
 
 
 def choose_vocabulary(artifact, labels: Optional[Sequence[str]]):
-    """The artifact's vocabulary, a subset of it, or a new one embedded by its text tower (new labels are novel)."""
-    vocab = artifact.vocabulary
-    if not labels or list(labels) == list(vocab.labels):
-        return vocab
+    """The artifact's vocabulary, or `--labels` as `artifact_vocabulary` gives them (the backend's rule)."""
+    if not labels or list(labels) == list(artifact.vocabulary.labels):
+        return artifact.vocabulary
     if len(set(labels)) != len(labels):
         raise CLIError(f"duplicate names in --labels: {list(labels)}")
-    if all(l in vocab.labels for l in labels):
-        return vocab.subset(labels)
-    from .vocabulary import VocabularyBuilder
+    from .vocabulary import artifact_vocabulary
 
-    base = [l for l in labels if l in vocab.labels and bool(vocab.is_base[vocab.index(l)])]
-    return VocabularyBuilder(artifact.get_text_encoder()).build(list(labels), base_labels=base)
+    return artifact_vocabulary(artifact, labels)
 
 
 def draw_overlay(image: np.ndarray, prediction, points: Sequence[Tuple[float, float, int]], box) -> np.ndarray:

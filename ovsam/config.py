@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-# SAM/ImageNet statistics: OVSAM feeds CLIP with these, not CLIP's own (spec §1.2, P8).
+# SAM/ImageNet statistics: OVSAM feeds CLIP with these, not CLIP's own (docs/REFERENCE_NOTES.md, preprocessing).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -60,7 +60,7 @@ class OVSAMConfig:
     # edges are drawn from a grid 16 input pixels wide; small objects lose most. Off in every official
     # preset (their released weights have no such convs); `finetune --decoder-high-res` adds them.
     decoder_high_res: bool = False
-    # Fusion of head and CLIP-branch logits (spec §1.9)
+    # Fusion of head and CLIP-branch logits (docs/REFERENCE_NOTES.md, fusion)
     use_clip_branch: bool = True
     alpha: float = 0.1
     beta: float = 0.9
@@ -133,7 +133,7 @@ PRESETS: Dict[str, OVSAMConfig] = {
 }
 
 # The reference's LVIS evaluation config (ovsam_lvis_rn50x16_point.py) pools the head's RoIs at 7x7 (trained at
-# 12x12, spec §1.11 / B4); the COCO config and the CLIP branch keep 12.
+# 12x12, docs/REFERENCE_NOTES.md B4); the COCO config and the CLIP branch keep 12.
 PRESETS["rn50x16_lvis"] = PRESETS["rn50x16"].replace(name="ovsam_rn50x16_lvis", head_roi_size=7)
 
 TINY_TEXT_CFG: Dict[str, Any] = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}

@@ -1,4 +1,4 @@
-"""Base/novel-aware geometric-mean fusion of head and CLIP-branch logits, in log space (spec §1.9)."""
+"""Base/novel-aware geometric-mean fusion of head and CLIP-branch logits, in log space."""
 from __future__ import annotations
 
 import torch
@@ -20,7 +20,7 @@ def fuse_logits(
 
     w is alpha for base classes and the background entry, beta for novel classes, and 0 where the CLIP
     branch is not `valid` (empty mask). Working with log_softmax and selecting the pure-head term with
-    torch.where avoids the reference's log(0)·0 = NaN when a probability underflows (bug B7).
+    torch.where avoids the reference's log(0)·0 = NaN when a probability underflows (docs/REFERENCE_NOTES.md B7).
     is_base: [K] bool; valid: [N] bool; excluded: optional [K] bool of classes never predicted (-1000).
     """
     log_q = F.log_softmax(head_logits.float(), dim=-1)

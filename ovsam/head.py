@@ -1,4 +1,4 @@
-"""CLIP2SAM: SAM's mask decoder with a label token, plus the FPN + RoIAlign recognition head (spec §1.6-1.7)."""
+"""CLIP2SAM: SAM's mask decoder with a label token, plus the FPN + RoIAlign recognition head."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -44,7 +44,7 @@ class CLIP2SAMHead(nn.Module):
         del self.mask_decoder.iou_token
         del self.mask_decoder.iou_prediction_head
         self.label_token = nn.Embedding(1, dim)
-        # Kept for the released key layout only: its output is multiplied by 0 in the reference (bug B3).
+        # Kept for the released key layout only: its output is multiplied by 0 in the reference (docs/REFERENCE_NOTES.md B3).
         self.label_mlp = MLP(dim, dim, cfg.clip_embed_dim, 3)
         self.label_mlp.requires_grad_(False)
         if cfg.decoder_high_res:

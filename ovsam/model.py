@@ -73,7 +73,7 @@ class OVSAM(nn.Module):
 
     # ---- training helpers -------------------------------------------------------------------
     def freeze_frozen_parts(self) -> None:
-        """CLIP trunk, SAM2CLIP neck and prompt encoder never train in CLIP2SAM (spec §2.2)."""
+        """CLIP trunk, SAM2CLIP neck and prompt encoder never train in CLIP2SAM."""
         for module in (self.trunk, self.neck, self.prompt_encoder):
             module.requires_grad_(False)
 
@@ -150,7 +150,7 @@ class OVSAM(nn.Module):
 
     # ---- recognition ------------------------------------------------------------------------
     def mask_boxes(self, low_res: torch.Tensor) -> torch.Tensor:
-        """Boxes of the predicted masks in input pixels (the head's RoIs at inference, spec §1.6)."""
+        """Boxes of the predicted masks in input pixels (the head's RoIs at inference)."""
         stride = self.cfg.image_size / low_res.shape[-1]
         return masks_to_boxes_exclusive(low_res[:, 0] > 0) * stride
 
@@ -210,7 +210,7 @@ class OVSAM(nn.Module):
         text_embeddings: torch.Tensor,
         clip_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """RoIAlign on C5 then CLIP's attention pool: the frozen CLIP's own opinion (spec §1.8).
+        """RoIAlign on C5 then CLIP's attention pool: the frozen CLIP's own opinion.
 
         With the per-image key/value maps (`ImageFeatures.clip_kv`) the same numbers cost a click far less.
         """

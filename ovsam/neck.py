@@ -1,4 +1,4 @@
-"""SAM2CLIP: the adapter that turns CLIP C2..C5 into a SAM-like 256×64×64 image embedding (spec §1.4)."""
+"""SAM2CLIP: the adapter that turns CLIP C2..C5 into a SAM-like 256×64×64 image embedding."""
 from __future__ import annotations
 
 from typing import List, Sequence

@@ -199,7 +199,7 @@ class OVSAMPredictor:
         if mode == "prompt_box" and boxes is not None:
             clip_boxes = boxes
         elif mode == "faithful" and all(p.clip_box is not None for p in prompts):
-            # The reference's CLIP branch reads unscaled original-coordinate boxes (bug B1), kept for comparisons.
+            # The reference's CLIP branch reads unscaled original-coordinate boxes (docs/REFERENCE_NOTES.md B1), kept for comparisons.
             clip_boxes = torch.as_tensor(np.stack([p.clip_box for p in prompts]), dtype=torch.float32, device=dev)
         vocab = self.vocabulary
         with self.inference():

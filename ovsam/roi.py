@@ -11,7 +11,7 @@ def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56
     """Level per RoI: floor(log2(sqrt(area) / finest_scale + 1e-6)) clamped to [0, num_levels-1].
 
     rois: [N, 5] (batch index, x1, y1, x2, y2). torchvision's MultiScaleRoIAlign puts the epsilon
-    elsewhere and uses aligned=False, so it is not used (spec §1.6).
+    elsewhere and uses aligned=False, so it is not used.
     """
     scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
     levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))

@@ -1,4 +1,4 @@
-"""The open_clip text tower that turns label names into CLIP text embeddings (spec §3)."""
+"""The open_clip text tower that turns label names into CLIP text embeddings."""
 from __future__ import annotations
 
 import hashlib

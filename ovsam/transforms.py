@@ -88,7 +88,7 @@ def input_frame_mask_logits(low_res: torch.Tensor, input_size: int, height: int,
 
 
 def upscale_mask_logits(low_res: torch.Tensor, frame: ImageFrame) -> torch.Tensor:
-    """Low-res logits [N, 1, l, l] -> logits at the original size [N, H0, W0] (spec §1.10)."""
+    """Low-res logits [N, 1, l, l] -> logits at the original size [N, H0, W0]."""
     x = input_frame_mask_logits(low_res, frame.input_size, *frame.resized_size)
     x = F.interpolate(x, frame.original_size, mode="bilinear", align_corners=False)
     return x[:, 0]

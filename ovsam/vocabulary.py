@@ -1,4 +1,4 @@
-"""Label vocabularies: names + synonyms -> unit-norm CLIP text prototypes [K, P, D], cached on disk (spec §3)."""
+"""Label vocabularies: names + synonyms -> unit-norm CLIP text prototypes [K, P, D], cached on disk."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +7,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ VILD_TEMPLATES = (
 
 
 def split_label(name: str) -> List[str]:
-    """The reference's synonym splitting of dataset class names (keeps its quirk, bug B6)."""
+    """The reference's synonym splitting of dataset class names (keeps its quirk, docs/REFERENCE_NOTES.md B6)."""
     name = name.replace("_or_", ",").replace("/", ",").replace("_", " ").lower()
     return [s.strip() for s in name.split(",") if s.strip()]
 
@@ -210,3 +210,43 @@ class VocabularyBuilder:
             os.replace(tmp, self._path(key))
         except OSError:
             pass  # a read-only cache only costs recomputation
+
+
+def resolve_vocabulary(
+    stored: Optional[Vocabulary],
+    labels: Sequence[str],
+    make_builder: Callable[[], VocabularyBuilder],
+    synonyms: Optional[Dict[str, Sequence[str]]] = None,
+    texts: Optional[Dict[str, Sequence[str]]] = None,
+    excluded_labels: Sequence[str] = (),
+    before_batch: Optional[Callable[[int, int], None]] = None,
+) -> Vocabulary:
+    """`labels` (in that order) as a model whose artifact stores `stored` recognises them: the one rule the backend,
+    the CLI, evaluation, fine-tuning's classifier and the promotion gate share (docs/ARCHITECTURE.md).
+
+    is_base: a label is base iff `stored` holds it marked base (the classes the model was trained on: official
+    COCO weights the 48 base classes, LVIS the common and frequent ones, a fine-tuned artifact its training
+    labels); a label `stored` does not hold is novel. Excluded: the labels `stored` excludes, plus
+    `excluded_labels`. Rows: `stored`'s when it holds every label with the same texts (fitted rows, offline
+    official weights), else all from the text tower of `make_builder()` (called only then).
+    """
+    labels = list(labels)
+    groups = normalise_synonyms(labels, synonyms)
+    if texts is not None:
+        groups = [list(texts[l]) if l in texts else g for l, g in zip(labels, groups)]
+    known = {} if stored is None else {l: i for i, l in enumerate(stored.labels)}
+    base = [l for l in labels if l in known and bool(stored.is_base[known[l]])]
+    excluded = {*excluded_labels, *(l for l in labels if l in known and bool(stored.excluded[known[l]]))}
+    if stored is not None and all(l in known and stored.synonyms[known[l]] == g for l, g in zip(labels, groups)):
+        vocab = stored.subset(labels)
+    else:
+        vocab = make_builder().build(labels, synonyms, texts=texts, before_batch=before_batch)
+    return vocab.with_base(base).with_excluded(sorted(excluded))
+
+
+def artifact_vocabulary(artifact: Any, labels: Sequence[str], synonyms: Optional[Dict[str, Sequence[str]]] = None,
+                        cache_dir: Optional[Path] = None, texts: Optional[Dict[str, Sequence[str]]] = None,
+                        excluded_labels: Sequence[str] = ()) -> Vocabulary:
+    """`resolve_vocabulary` for a loaded `ModelArtifact` (its stored vocabulary and its text tower)."""
+    return resolve_vocabulary(artifact.vocabulary, labels, lambda: VocabularyBuilder(artifact.get_text_encoder(), cache_dir),
+                              synonyms, texts=texts, excluded_labels=excluded_labels)

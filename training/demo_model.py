@@ -116,22 +116,17 @@ def _base_artifact(path: Path, seed: int, text_steps: int, progress: bool) -> di
     import torch
 
     from ovsam.artifact import read_artifact_metadata, save_artifact
-    from ovsam.config import get_config
-    from ovsam.model import OVSAM
-    from ovsam.text import TextEncoder
+    from ovsam.random_model import build_random
     from ovsam.vocabulary import VocabularyBuilder
     from training.text_spread import spread_text_tower
 
     if path.exists():
         return read_artifact_metadata(path)["provenance"].get("text_spread", {})
-    torch.manual_seed(seed)
-    cfg = get_config("demo")
-    model, text = OVSAM(cfg), TextEncoder.from_config(cfg)
-    spread = spread_text_tower(text, steps=text_steps, seed=seed, progress=progress)
-    vocabulary = VocabularyBuilder(text, cache_dir=None).build(list(SHAPE_LABELS))
-    save_artifact(path, model, vocabulary, "demo-init",
-                  provenance={"kind": "random-init", "config": "demo", "seed": seed, "text_spread": spread},
-                  text_encoder=text)
+    art = build_random("demo", SHAPE_LABELS, seed, "demo-init")
+    spread = spread_text_tower(art.text_encoder, steps=text_steps, seed=seed, progress=progress)
+    vocabulary = VocabularyBuilder(art.text_encoder).build(list(SHAPE_LABELS))  # the spread tower's rows
+    save_artifact(path, art.model, vocabulary, art.version, provenance={**art.provenance, "text_spread": spread},
+                  text_encoder=art.text_encoder)
     return spread
 
 
@@ -151,7 +146,8 @@ def _evaluate(trained, tasks_file: Path, report_dir: Path, progress: bool) -> di
 def main_demo_model(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from ovsam.artifact import load_artifact, save_artifact
-    from training.finetune import FinetuneConfig, finetune
+    from training.finetune import finetune
+    from training.finetune_config import FinetuneConfig
 
     work, progress = args.work, not args.no_progress
     work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`python -m training distill`: SAM2CLIP (spec §2.1) — train the neck to reproduce SAM's image embedding.
+"""`python -m training distill`: SAM2CLIP — train the neck to reproduce SAM's image embedding.
 
 Only the SAM2CLIP neck learns (its `pos_embed` is a frozen buffer); the CLIP trunk is frozen. The
 targets are the fp16 embeddings written by `dump-sam-features`, looked up by image stem. Loss: MSE
@@ -224,7 +224,7 @@ def distill(cfg: DistillConfig, on_progress: Optional[Callable[[Dict[str, Any]],
                       "command": cfg.command or " ".join(sys.argv), "sam_checkpoint": cfg.sam_checkpoint,
                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "hyperparameters": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("images", "command")}}
-        from training.finetune import git_commit
+        from training.provenance import git_commit
 
         provenance["git_commit"] = git_commit()
         model.eval()

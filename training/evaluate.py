@@ -1,7 +1,7 @@
-"""`python -m training evaluate`: the paper's GT-prompt metric (spec §4) for one model on one data set.
+"""`python -m training evaluate`: the paper's GT-prompt metric for one model on one data set.
 
 Every GT instance of an image is one prompt, given all at once through `OVSAMPredictor.predict_batch`:
-its GT box ('box') and/or the spec's mask centre point ('center', §1.5). Per instance we record mask
+its GT box ('box') and/or the reference's mask centre point ('center'). Per instance we record mask
 IoU at the original resolution and whether the predicted label is right; averages are micro over
 instances (as the paper), optionally split base/novel, with a per-class table. Box-only instances (no
 GT mask) cannot be scored and are counted as skipped.
@@ -47,7 +47,7 @@ def center_prompt(mask: np.ndarray, frame: ImageFrame) -> np.ndarray:
 
 
 def make_prompt(mode: str, mask: np.ndarray, box: np.ndarray, frame: ImageFrame) -> Prompt:
-    # clip_box is only read in the model's 'faithful' mode: the reference's unscaled GT box (bug B1).
+    # clip_box is only read in the model's 'faithful' mode: the reference's unscaled GT box (docs/REFERENCE_NOTES.md B1).
     clip_box = np.asarray(box, np.float32)
     if mode == "box":
         return Prompt(box=np.asarray(box, np.float32), clip_box=clip_box)
@@ -319,11 +319,10 @@ def reference_vocabulary(artifact, kind: str, data_path: str, samples: Sequence[
     reference's 48/17 test split keeps only the 65 classes' instances), yet the 15 stay in the classifier.
     LVIS: the file's categories, texts by `split_label`, rare classes novel.
     """
-    from ovsam.vocabulary import VocabularyBuilder
+    from ovsam.vocabulary import artifact_vocabulary
 
     ref = reference_classes(kind, data_path)
-    builder = VocabularyBuilder(artifact.get_text_encoder(), cache_dir)
-    vocab = builder.build(list(ref.labels), texts=ref.texts, base_labels=ref.base, excluded_labels=ref.excluded)
+    vocab = artifact_vocabulary(artifact, ref.labels, cache_dir=cache_dir, texts=ref.texts, excluded_labels=ref.excluded)
     scored = set(ref.base) | set(ref.novel)
     unknown = sorted({i.label for s in samples for i in s.instances} - set(ref.labels))
     if unknown:
@@ -341,7 +340,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
     from training.data.split import split_by_task
     from training.dataset import load_training_data, make_image_source, read_label_config
     from training.distributed import pick_device
-    from training.vocab_cli import load_model_any, project_vocabulary, split_labels
+    from ovsam.vocabulary import artifact_vocabulary
+    from training.vocab_cli import load_model_any, split_labels
 
     device = pick_device(args.device)
     data = load_training_data(args.data, read_label_config(args.label_config), split_labels(args.labels), args.image_root)
@@ -351,7 +351,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
         samples = val if args.split == "val" else train
     if args.max_images:
         samples = samples[: args.max_images]
-    artifact = load_model_any(args.model, device="cpu")
+    reference = reference_classes(args.reference_vocabulary, args.data) if args.reference_vocabulary else None
+    artifact = load_model_any(args.model, device="cpu", reference=reference)
     if args.clip_roi_boxes:
         artifact.model.cfg = artifact.model.cfg.replace(clip_roi_boxes=args.clip_roi_boxes)
     if args.reference_vocabulary:
@@ -359,7 +360,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
                                                      args.cache_dir)
     else:
         base = split_labels(args.base_labels)
-        vocab = project_vocabulary(artifact, data.labels, data.synonyms, base_labels=base, cache_dir=args.cache_dir)
+        vocab = artifact_vocabulary(artifact, data.labels, data.synonyms, cache_dir=args.cache_dir)
         novel = [l for l in data.labels if l not in set(base)] if base is not None else None
     roi_size = args.head_roi_size or (7 if args.reference_vocabulary == "lvis" else None)
     if roi_size:

@@ -15,12 +15,13 @@ PRECISIONS = ("fp32", "bf16")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training evaluate",
-                                description="Per-instance mask IoU and classification accuracy with GT prompts (spec §4).")
+                                description="Per-instance mask IoU and classification accuracy with GT prompts.")
     p.add_argument("--model", required=True, help="model artifact (or official weights directory)")
     p.add_argument("--data", required=True, help="Label Studio export JSON or COCO instances JSON")
     p.add_argument("--image-root", help="folder image paths are relative to (default: next to --data)")
     p.add_argument("--prompt", choices=("box", "center", "both"), default="both")
-    p.add_argument("--base-labels", help="comma-separated base classes; the others are reported as novel")
+    p.add_argument("--base-labels", help="comma-separated classes reported as base, the others as novel (the fusion's "
+                        "base/novel weighting is the model's own: ovsam.vocabulary.resolve_vocabulary)")
     p.add_argument("--labels", help="comma-separated vocabulary (default: --label-config, else the data's labels)")
     p.add_argument("--label-config", help="Label Studio label config (XML file) giving the vocabulary")
     p.add_argument("--split", choices=("all", "val", "train"), default="all",
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--clip-roi-boxes", choices=("pred_mask_box", "prompt_box", "faithful"),
-                   help="override the model's CLIP-branch RoI rule (faithful = the reference's bug B1)")
+                   help="override the model's CLIP-branch RoI rule (faithful = the reference's unscaled boxes, docs/REFERENCE_NOTES.md B1)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 as the reference evaluates (default), or bf16 autocast on CUDA as the backend serves")
     p.add_argument("--reference-vocabulary", choices=("coco", "lvis"),

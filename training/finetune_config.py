@@ -5,13 +5,19 @@ argument errors answer without loading the model stack; `training.finetune` runs
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:
     from training import losses as L
 
 REFERENCE_VOCABULARIES = ("coco", "lvis")
+
+# The settings a resumed run must share with the interrupted one to reach the same weights.
+RESUME_KEYS = ("base", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "milestones",
+               "gamma", "max_norm", "num_points", "augment", "seed", "val_fraction", "split_seed", "head_mask_pooling",
+               "decoder_high_res", "fit_label_embeddings", "image_size", "classifier_vocabulary", "classifier_labels")
 
 
 @dataclass
@@ -126,3 +132,13 @@ class FinetuneConfig:
 
         return L.LossConfig(self.cls_weight, self.mask_weight, self.dice_weight, self.background_weight,
                             self.num_points or L.default_num_points(image_size), self.oversample, self.importance)
+
+
+def changed_settings(saved: Dict[str, Any], cfg: FinetuneConfig) -> List[str]:
+    """The `RESUME_KEYS` whose value in a checkpoint's saved configuration differs from `cfg`'s."""
+    now = dataclasses.asdict(cfg)
+    return [k for k in RESUME_KEYS if k in saved and _norm(saved[k]) != _norm(now[k])]
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v

@@ -1,4 +1,4 @@
-"""CLIP2SAM losses (spec §2.2): cross-entropy over the K+1 cosine logits, and BCE + Dice on
+"""CLIP2SAM losses: cross-entropy over the K+1 cosine logits, and BCE + Dice on
 PointRend-style uncertainty-sampled points of the low-resolution mask logits.
 
 Sampling points instead of comparing whole masks keeps the loss cheap at 1024 px and focuses it on
@@ -96,7 +96,7 @@ def uncertain_point_coords(
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, background_weight: float, normaliser: float) -> torch.Tensor:
-    """Weighted CE over K+1 classes (background weight 0.1; no target is background, bug B5), summed / normaliser."""
+    """Weighted CE over K+1 classes (background weight 0.1; no target is background, docs/REFERENCE_NOTES.md B5), summed / normaliser."""
     k1 = logits.shape[-1]
     weight = logits.new_ones(k1)
     weight[-1] = background_weight

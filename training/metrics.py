@@ -1,4 +1,4 @@
-"""Evaluation metrics: the paper's per-instance IoU/accuracy (spec §4) and pre-annotation quality.
+"""Evaluation metrics: the paper's per-instance IoU/accuracy and pre-annotation quality.
 
 Two questions, two metrics:
 - `InstanceEvaluation`: given one GT prompt per instance, how good is the mask and is the label
@@ -19,7 +19,7 @@ _EPS = 1e-8
 
 
 def mask_iou(gt: np.ndarray, pred: np.ndarray) -> float:
-    """|gt ∧ pred| / (|gt ∨ pred| + 1e-8) on binary masks of the same shape (spec §4)."""
+    """|gt ∧ pred| / (|gt ∨ pred| + 1e-8) on binary masks of the same shape."""
     gt = np.asarray(gt, dtype=bool)
     pred = np.asarray(pred, dtype=bool)
     if gt.shape != pred.shape:

@@ -26,7 +26,7 @@ def no_decay_norm_bias_embedding(module: nn.Module, name: str, param: nn.Paramet
 
 
 def no_decay_reference_norms(module: nn.Module, name: str, param: nn.Parameter) -> bool:
-    """The reference's rule (mmengine `norm_decay_mult=0`, spec §2.2): parameters of LayerNorm, BatchNorm,
+    """The reference's rule (mmengine `norm_decay_mult=0`): parameters of LayerNorm, BatchNorm,
     GroupNorm and InstanceNorm modules get no weight decay; biases, tokens, other 1-D parameters and SAM's
     LayerNorm2d (not an nn.LayerNorm) keep it."""
     return isinstance(module, REFERENCE_NORM_TYPES)
@@ -36,7 +36,7 @@ REFERENCE_NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupN
 
 
 def no_decay_layernorm(module: nn.Module, name: str, param: nn.Parameter) -> bool:
-    """SAM2CLIP rule (spec §2.1): only nn.LayerNorm is exempt; SAM's LayerNorm2d keeps its decay."""
+    """SAM2CLIP rule: only nn.LayerNorm is exempt; SAM's LayerNorm2d keeps its decay."""
     return isinstance(module, nn.LayerNorm)
 
 
@@ -70,7 +70,7 @@ def build_adamw(groups: List[Dict[str, Any]], lr: float) -> torch.optim.AdamW:
 
 
 def default_warmup(total_steps: int, requested: Optional[int] = None) -> int:
-    """The spec's 500 warm-up iterations, shortened to a tenth of short runs so they still train."""
+    """The reference's 500 warm-up iterations, shortened to a tenth of short runs so they still train."""
     if requested is not None:
         return max(0, int(requested))
     return min(500, max(1, math.ceil(0.1 * total_steps)))
@@ -98,7 +98,7 @@ def warmup_multistep(
 def warmup_cosine(
     total_steps: int, warmup_steps: int, final_factor: float = 0.01, warmup_factor: float = 0.001
 ) -> Callable[[int], float]:
-    """Linear warm-up, then cosine annealing per step down to `final_factor` (SAM2CLIP, spec §2.1)."""
+    """Linear warm-up, then cosine annealing per step down to `final_factor` (SAM2CLIP)."""
 
     def factor(step: int) -> float:
         warm = 1.0

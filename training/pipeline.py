@@ -75,7 +75,10 @@ def run_training_job(
     from ovsam.artifact import save_artifact
     from training.dataset import keep_loadable, load_training_data, make_image_source
     from training.evaluate import evaluate_model
-    from training.finetune import FinetuneConfig, classifier_vocabulary, finetune, make_version, reference_classifier
+    from training.classifier import classifier_vocabulary, reference_classifier
+    from training.finetune import finetune
+    from training.finetune_config import FinetuneConfig
+    from training.provenance import make_version
     from training.vocab_cli import load_model_any
 
     notify = on_progress or (lambda event: None)

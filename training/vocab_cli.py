@@ -19,40 +19,16 @@ if TYPE_CHECKING:
     import torch
 
     from ovsam.artifact import ModelArtifact
-    from ovsam.vocabulary import Vocabulary
+    from ovsam.class_texts import ReferenceVocabulary
 
 
-def load_model_any(path: str | Path, device: str | torch.device = "cpu") -> ModelArtifact:
-    """A model artifact, or a directory of the official weights (through `ovsam.checkpoint.load_model`)."""
+def load_model_any(path: str | Path, device: str | torch.device = "cpu",
+                   reference: Optional[ReferenceVocabulary] = None) -> ModelArtifact:
+    """A model artifact, or a directory of the official weights (through `ovsam.checkpoint.load_model`; `reference`:
+    the benchmark vocabulary official weights store, with the split they were trained on)."""
     from ovsam.checkpoint import load_model
 
-    return load_model(path, device=device)
-
-
-def project_vocabulary(
-    artifact: ModelArtifact,
-    labels: Sequence[str],
-    synonyms: Optional[Dict[str, Sequence[str]]] = None,
-    base_labels: Optional[Sequence[str]] = None,
-    cache_dir: Optional[Path] = None,
-) -> Vocabulary:
-    """Prototypes for `labels` (in that order); `base_labels` default: all of them.
-
-    Rows are taken from the artifact's stored vocabulary when every label is there with the same
-    synonyms (no text tower needed, e.g. offline official weights); otherwise they are embedded by the
-    artifact's text tower.
-    """
-    from ovsam.vocabulary import VocabularyBuilder, normalise_synonyms
-
-    labels = list(labels)
-    groups = normalise_synonyms(labels, synonyms)
-    stored = artifact.vocabulary
-    if stored is not None and all(l in stored.labels for l in labels):
-        if all(stored.synonyms[stored.index(l)] == g for l, g in zip(labels, groups)):
-            vocab = stored.subset(labels)
-            return vocab.with_base(base_labels if base_labels is not None else labels)
-    builder = VocabularyBuilder(artifact.get_text_encoder(), cache_dir)
-    return builder.build(labels, synonyms, base_labels=base_labels if base_labels is not None else labels)
+    return load_model(path, device=device, reference=reference)
 
 
 def split_labels(text: Optional[str]) -> Optional[List[str]]:
@@ -68,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", help="comma-separated labels")
     src.add_argument("--label-config", help="Label Studio label config (XML file); its labels and predicted_values")
-    p.add_argument("--base-labels", help="comma-separated labels the model was trained on (default: all)")
     p.add_argument("--cache-dir", type=Path, help="embedding cache (default $OVSAM_CACHE_DIR/vocab or ~/.cache/ovsam/vocab)")
-    p.add_argument("--out", type=Path, help="write {labels, synonyms, embeddings [K,P,D], is_base} with torch.save")
+    p.add_argument("--out", type=Path, help="write {labels, synonyms, embeddings [K,P,D], is_base} with torch.save "
+                                                  "(is_base: the labels the model was trained on)")
     p.add_argument("--device", default="cpu")
     return p
 
@@ -79,7 +55,7 @@ def main_vocab(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from ovsam.vocabulary import VocabularyBuilder
+    from ovsam.vocabulary import artifact_vocabulary
     from training.dataset import labels_from_config, read_label_config
 
     artifact = load_model_any(args.model, device="cpu")
@@ -91,8 +67,7 @@ def main_vocab(argv: Optional[Sequence[str]] = None) -> int:
         print("error: no labels given", file=sys.stderr)
         return 2
     encoder = artifact.get_text_encoder().to(args.device)
-    builder = VocabularyBuilder(encoder, args.cache_dir)
-    vocab = builder.build(labels, synonyms, base_labels=split_labels(args.base_labels))
+    vocab = artifact_vocabulary(artifact, labels, synonyms, cache_dir=args.cache_dir)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"labels": vocab.labels, "synonyms": vocab.synonyms, "embeddings": vocab.embeddings.cpu(),

@@ -153,20 +153,11 @@ def vocab_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def save_tiny_artifact(path: Path, version: str, seed: int = 0, labels: tuple[str, ...] = ("cat", "dog", "car")) -> Path:
     """A tiny OVSAM artifact with random (seeded) weights and its own text tower."""
-    import torch
-
     from ovsam.artifact import save_artifact
-    from ovsam.config import get_config
-    from ovsam.model import OVSAM
-    from ovsam.text import TextEncoder
-    from ovsam.vocabulary import VocabularyBuilder
+    from ovsam.random_model import build_random
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = OVSAM(get_config("tiny")).eval()
-        text = TextEncoder.from_config(get_config("tiny")).eval()
-    vocabulary = VocabularyBuilder(text, cache_dir=path.parent / ".vocab").build(list(labels))
-    return save_artifact(path, model, vocabulary, version, text_encoder=text)
+    art = build_random("tiny", labels, seed, version, cache_dir=path.parent / ".vocab")
+    return save_artifact(path, art.model, art.vocabulary, version, text_encoder=art.text_encoder)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
-"""Checkpoints in the *released* key layouts (spec §5 tables), built for any config.
+"""Checkpoints in the *released* key layouts, built for any config.
 
-They are written from the spec's tables, not from `ovsam.checkpoint`'s mappers, so loading them checks the
+They are written from the released files' key names, not from `ovsam.checkpoint`'s mappers, so loading them checks the
 mapping. Values are seeded random tensors (or meta tensors, for shape-only checks of the official config).
 Tests reach the builders through the `official_layout` fixture (pytest's importlib mode cannot import conftest).
 """
@@ -54,7 +54,7 @@ def _attention(state: State, t: _Maker, key: str, dim: int, internal: int) -> No
 
 
 def _two_way_decoder(state: State, t: _Maker, prefix: str, cfg: OVSAMConfig, num_mask_tokens: int) -> None:
-    """SAM's MaskDecoder without the IoU parts: transformer, mask tokens, upscaling, hypernets (spec §5.2)."""
+    """SAM's MaskDecoder without the IoU parts: transformer, mask tokens, upscaling, hypernets."""
     d = cfg.prompt_embed_dim
     for i in range(cfg.decoder_depth):
         layer = f"{prefix}transformer.layers.{i}"
@@ -83,7 +83,7 @@ def _rel_pos_len(cfg: OVSAMConfig, block: int) -> int:
 
 
 def official_sam2clip_state(cfg: OVSAMConfig, seed: int = 1, meta: bool = False) -> State:
-    """`sam2clip_vith_rn50x16.pth`: `neck_student.*` (spec §5.1)."""
+    """`sam2clip_vith_rn50x16.pth`: `neck_student.*`."""
     t, p, s = _Maker(seed, meta), "neck_student.", {}
     dim, g, head_dim = cfg.neck_embed_dim, cfg.embedding_size, cfg.neck_embed_dim // cfg.neck_num_heads
     s[f"{p}pos_embed"] = t(1, g, g, dim)
@@ -115,7 +115,7 @@ def official_sam2clip_state(cfg: OVSAMConfig, seed: int = 1, meta: bool = False)
 
 
 def official_clip2sam_state(cfg: OVSAMConfig, seed: int = 2, meta: bool = False) -> State:
-    """`clip2sam_{coco,lvis}_rn50x16.pth`: `mask_decoder.*` + `fpn_neck.*` (spec §5.2)."""
+    """`clip2sam_{coco,lvis}_rn50x16.pth`: `mask_decoder.*` + `fpn_neck.*`."""
     t, s = _Maker(seed, meta), {}
     d, e, f = cfg.prompt_embed_dim, cfg.clip_embed_dim, cfg.fpn_channels
     _two_way_decoder(s, t, "mask_decoder.mask_decoder.", cfg, num_mask_tokens=1)

@@ -42,7 +42,7 @@ def test_mask_rescale_follows_mmcv_imrescale(golden):
         expected = golden[f"centre.rescaled_{i:02d}"].numpy().astype(bool)
         assert got.shape == expected.shape == tuple(entry["rescaled_mask_shape"]), i
         assert np.array_equal(got, expected), i
-    assert reference_rescale_size(27, 35, (197, 256)) == (197, 255)  # a pixel short of img_shape (spec B10)
+    assert reference_rescale_size(27, 35, (197, 256)) == (197, 255)  # a pixel short of img_shape (docs/REFERENCE_NOTES.md B10)
 
 
 def _cascade(mask: np.ndarray, new_offsets: bool) -> np.ndarray:

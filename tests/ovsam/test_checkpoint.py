@@ -1,4 +1,4 @@
-"""Loading the released OVSAM / SAM / OpenCLIP key layouts (spec §5) into our model, strictly."""
+"""Loading the released OVSAM / SAM / OpenCLIP key layouts into our model, strictly."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -307,6 +307,19 @@ def test_load_model_lvis_head_marks_all_labels_base(official_dir):
     assert art.vocabulary.synonyms == [["cat"], ["dog"]]  # other label sets: their names
 
 
+def test_load_model_stores_a_reference_vocabulary_with_its_split(official_dir):
+    """An LVIS benchmark's classes: the official LVIS head was trained on the common and frequent ones."""
+    from ovsam.class_texts import lvis_reference_vocabulary
+
+    (official_dir / "clip2sam_coco_rn50x16.pth").rename(official_dir / "clip2sam_lvis_rn50x16.pth")
+    cats = [{"id": 1, "name": "aerosol_can", "frequency": "f"}, {"id": 2, "name": "bow_(weapon)", "frequency": "r"},
+            {"id": 3, "name": "CD_player", "frequency": "c"}]
+    art = ck.load_model(official_dir, cfg=TINY, reference=lvis_reference_vocabulary(cats))
+    assert art.vocabulary.labels == ["aerosol_can", "bow_(weapon)", "CD_player"]
+    assert art.vocabulary.is_base.tolist() == [True, False, True] and not art.vocabulary.excluded.any()
+    assert art.vocabulary.synonyms[1] == ["bow (weapon)"]
+
+
 def test_lvis_preset_pools_head_rois_at_7_like_the_reference_lvis_config():
     lvis, coco = get_config("rn50x16_lvis"), get_config("rn50x16")
     assert lvis.head_roi_size == 7 and coco.head_roi_size == 12
@@ -364,11 +377,11 @@ def test_official_key_counts_and_shapes(official_meta, official_layout):
     cfg, model = official_meta
     s2c = official_layout.sam2clip(cfg, meta=True)
     c2s = official_layout.clip2sam(cfg, meta=True)
-    assert len(s2c) == 86  # 1 pos_embed + 1 level encoding + 8 patch embed + 5x14 block + 6 neck (spec §8)
+    assert len(s2c) == 86  # 1 pos_embed + 1 level encoding + 8 patch embed + 5x14 block + 6 neck
     assert len([k for k in c2s if k.startswith("fpn_neck.")]) == 16
     assert len([k for k in c2s if k.startswith("mask_decoder.mask_decoder.")]) == 95
     assert len(c2s) == 95 + 1 + 6 + 1 + 16
-    # parameter counts of spec §5.1/5.2: SAM2CLIP 128.84 M (+ the 5.24 M pos_embed buffer), CLIP2SAM 7.867 M
+    # parameter counts of the released files: SAM2CLIP 128.84 M (+ the 5.24 M pos_embed buffer), CLIP2SAM 7.867 M
     assert sum(v.numel() for k, v in s2c.items() if not k.endswith("pos_embed")) == 128_844_768
     assert s2c["neck_student.pos_embed"].numel() == 5_242_880
     assert sum(v.numel() for v in c2s.values()) == 7_867_008

@@ -13,12 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from ovsam import OVSAM, get_config
 from ovsam.artifact import save_artifact
 from ovsam import cli
 from ovsam.cli import main
-from ovsam.text import TextEncoder
-from ovsam.vocabulary import VocabularyBuilder
+from ovsam.random_model import build_random
 from training.__main__ import COMMANDS as TRAINING_COMMANDS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,11 +37,8 @@ def _run(args, tmp_path: Path, timeout: float = 120, **env: str) -> subprocess.C
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("artifact")
-    cfg = get_config("tiny")
-    model = OVSAM(cfg).eval()
-    text = TextEncoder.from_config(cfg)
-    vocab = VocabularyBuilder(text, cache_dir=tmp / "cache").build(["cat", "dog", "bird"], base_labels=["cat", "dog"])
-    return save_artifact(tmp / "tiny.safetensors", model, vocab, "tiny-test", text_encoder=text)
+    art = build_random("tiny", ["cat", "dog", "bird"], cache_dir=tmp / "cache", base_labels=["cat", "dog"])
+    return save_artifact(tmp / "tiny.safetensors", art.model, art.vocabulary, "tiny-test", text_encoder=art.text_encoder)
 
 
 @pytest.fixture

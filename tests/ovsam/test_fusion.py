@@ -1,4 +1,4 @@
-"""Base/novel-aware geometric-mean fusion of head and CLIP logits (spec §1.9, bug B7)."""
+"""Base/novel-aware geometric-mean fusion of head and CLIP logits (docs/REFERENCE_NOTES.md B7)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""The official-size (RN50x16) neck, prompt encoder and head on real tensors of the spec's shapes (§1.1).
+"""The official-size (RN50x16) neck, prompt encoder and head on real tensors of the official shapes.
 
 Weights are random: this checks the data flow, not numbers. The full 5-block neck takes ~45 s on two CPU
 cores, so it is marked slow; the fast tests cover every other official-size module.

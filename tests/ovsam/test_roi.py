@@ -1,4 +1,4 @@
-"""RoI level rule, per-level aligned RoIAlign, mmdet's mask2bbox and the cosine classifier (spec §1.6)."""
+"""RoI level rule, per-level aligned RoIAlign, mmdet's mask2bbox and the cosine classifier."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Vocabulary embeddings (spec §3): templates, synonym padding, split_label, and the on-disk cache."""
+"""Vocabulary embeddings: templates, synonym padding, split_label, and the on-disk cache."""
 from __future__ import annotations
 
 import pytest

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_finetune_support import REPO, make_synth, make_tiny_artifact, subprocess_env  # noqa: E402
 
 from training.distributed import ShardedSampler, read_csv_log  # noqa: E402
-from training.finetune import main_finetune  # noqa: E402
+from training.finetune_cli import main_finetune  # noqa: E402
 
 
 def test_sharded_sampler_splits_a_global_batch_between_ranks():

@@ -14,7 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_finetune_support import LABELS, make_synth, make_tiny_artifact, renamed_coco  # noqa: E402
 
 from training import losses as L  # noqa: E402
-from training.finetune import FinetuneConfig, finetune, main_finetune, make_version  # noqa: E402
+from training.finetune import finetune  # noqa: E402
+from training.finetune_cli import main_finetune  # noqa: E402
+from training.finetune_config import FinetuneConfig  # noqa: E402
+from training.provenance import make_version  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +348,7 @@ def test_mask_pooling_classifies_gt_masks_in_training(world, tmp_path):
     from ovsam.roi import boxes_to_rois, mask_occupancy
     from training.data.types import Instance, Sample
     from training.dataset import CLIP2SAMDataset, ExampleConfig, collate_examples, load_training_data, make_image_source
-    from training.finetune import CLIP2SAMTrainStep
+    from training.train_step import CLIP2SAMTrainStep
 
     base = make_tiny_artifact(tmp_path / "masked.safetensors", head_mask_pooling=True)
     art = load_artifact(base)
@@ -384,7 +387,7 @@ def test_the_label_fit_sees_each_object_as_the_served_model_does(tmp_path):
     from training.dataset import CLIP2SAMDataset, ExampleConfig, collate_examples, load_training_data, make_image_source
     from training.demo_model import DEFAULT_OUT
     from training.evaluate import center_prompt
-    from training.finetune import CLIP2SAMTrainStep
+    from training.train_step import CLIP2SAMTrainStep
     from training.label_fit import unique_instances
 
     art = load_artifact(DEFAULT_OUT)
@@ -429,7 +432,7 @@ def test_cli_fit_label_embeddings_alone_moves_only_the_label_rows(world, tmp_pat
     """`--fit-label-embeddings --max-steps 0`: the head stays the base's, the artifact's rows are fitted to the
     annotated objects (they name them at least as well as the text rows did), and they are what is served."""
     from ovsam.artifact import load_artifact
-    from training.vocab_cli import project_vocabulary
+    from ovsam.vocabulary import artifact_vocabulary
 
     argv = _cli_argv(world, tmp_path / "fit", "--max-steps", "0", "--no-augment", "--cache-features",
                      "--fit-label-embeddings")
@@ -439,11 +442,11 @@ def test_cli_fit_label_embeddings_alone_moves_only_the_label_rows(world, tmp_pat
     assert all(torch.equal(before[k], after[k]) for k in before)
     art, base = load_artifact(out), load_artifact(world["artifact"])
     labels = art.vocabulary.labels
-    assert not torch.allclose(art.vocabulary.embeddings.float(), project_vocabulary(base, labels).embeddings.float())
+    assert not torch.allclose(art.vocabulary.embeddings.float(), artifact_vocabulary(base, labels).embeddings.float())
     fit = art.provenance["label_fit"]
     assert sum(fit["objects"].values()) > 0 and fit["train_accuracy_after"] >= fit["train_accuracy_before"]
     assert art.provenance["steps"] == 0
-    assert torch.equal(project_vocabulary(art, labels).embeddings, art.vocabulary.embeddings)  # served as fitted
+    assert torch.equal(artifact_vocabulary(art, labels).embeddings, art.vocabulary.embeddings)  # served as fitted
     with pytest.raises(ValueError, match="max-steps 0"):
         _cfg(world, tmp_path, max_steps=0)
 
@@ -494,15 +497,15 @@ def test_training_labels_against_a_larger_classifier(world, tmp_path):
     labels (the annotated two base, the others novel); the label fit moves only the annotated rows."""
     from ovsam.artifact import load_artifact
     from training.dataset import collate_examples
-    from training.finetune import _Run, to_device
-    from training.vocab_cli import project_vocabulary
+    from training.finetune import start_run
+    from training.train_step import to_device
+    from ovsam.vocabulary import artifact_vocabulary
 
     classifier = ["triangle", "circle", "star", "square"]
     cfg = _cfg(world, tmp_path / "run", label_config=None, labels=["circle", "square"], classifier_labels=classifier,
                augment=False,
                cache_features=True, max_steps=2, fit_label_embeddings=True)
-    run = _Run(cfg, None)
-    run.setup(None, None, None)
+    run = start_run(cfg)
     assert run.vocab.labels == classifier and run.vocab.is_base.tolist() == [False, True, False, True]
     example = run.dataset[0]
     names = {classifier[i] for i in example["labels"].tolist()}
@@ -514,7 +517,7 @@ def test_training_labels_against_a_larger_classifier(world, tmp_path):
     result = finetune(cfg)
     art = load_artifact(result.artifact)
     assert art.vocabulary.labels == classifier and art.vocabulary.is_base.tolist() == [False, True, False, True]
-    text = project_vocabulary(load_artifact(world["artifact"]), classifier).embeddings
+    text = artifact_vocabulary(load_artifact(world["artifact"]), classifier).embeddings
     moved = [not torch.allclose(art.vocabulary.embeddings[i].float(), text[i].float()) for i in range(4)]
     assert moved == [False, True, False, True]
     assert art.provenance["classifier"] == {"source": "labels", "labels": 4, "base": 2, "excluded": 0, "novel": 2}

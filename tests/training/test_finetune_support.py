@@ -20,17 +20,11 @@ torch.set_num_threads(1)
 def make_tiny_artifact(path: Path, labels: Sequence[str] = LABELS, seed: int = 0, version: str = "ovsam_tiny-test",
                        **config: Any) -> Path:
     """A random `tiny` OVSAM (with `config` overrides) and its own (random) text tower, saved as an artifact."""
-    from ovsam import OVSAM, get_config
     from ovsam.artifact import save_artifact
-    from ovsam.text import TextEncoder
-    from ovsam.vocabulary import VocabularyBuilder
+    from ovsam.random_model import build_random
 
-    torch.manual_seed(seed)
-    cfg = get_config("tiny", **config)
-    model = OVSAM(cfg)
-    text = TextEncoder.from_config(cfg)
-    vocab = VocabularyBuilder(text, path.parent / "vocab-cache").build(list(labels))
-    return save_artifact(path, model, vocab, version, {"source": "test"}, {}, text_encoder=text)
+    art = build_random("tiny", labels, seed, version, cache_dir=path.parent / "vocab-cache", **config)
+    return save_artifact(path, art.model, art.vocabulary, version, {"source": "test"}, {}, text_encoder=art.text_encoder)
 
 
 def make_synth(out: Path, num_images: int = 4, size: int = 128, seed: int = 0, **kwargs) -> Dict[str, Path]:

@@ -1,4 +1,4 @@
-"""Training prompt sampling (spec §2.2) and the evaluation centre point (spec §1.5)."""
+"""Training prompt sampling and the evaluation centre point."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Large-scale jitter (LSJ) for CLIP2SAM fine-tuning (spec §2.2), at any output size."""
+"""Large-scale jitter (LSJ) for CLIP2SAM fine-tuning, at any output size."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prompts from GT instances: random training prompts (spec §2.2) and the eval centre point (§1.5)."""
+"""Prompts from GT instances: random training prompts and the eval centre point."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def sample_training_prompts(
 
 
 def center_point(mask: np.ndarray) -> tuple[int, int]:
-    """The evaluation prompt point of a GT mask (spec §1.5), exactly as the reference picks it.
+    """The evaluation prompt point of a GT mask, exactly as the reference picks it.
 
     `ovsam.centre.centre_point`: the deepest pixel by kornia 0.7.x's distance-transform cascade (the image
     border counts as background; among equally deep pixels the one with the fewest reached neighbours, then
