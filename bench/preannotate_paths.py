@@ -79,6 +79,15 @@ class FakeLabelStudio:
         self.server.server_close()
 
 
+def warm_up_image(images: Sequence[np.ndarray]) -> np.ndarray:
+    """An image none of the measured ones equals (so none is in the embedding cache), of the same size.
+
+    Every path then measures the very images the model-only figure was measured on: automatic mode's cost
+    depends on what is in the image (how many grid masks pass its filters).
+    """
+    return np.ascontiguousarray(images[0][::-1, ::-1])
+
+
 def _batch_body(paths: Sequence[str], label_config: str) -> dict[str, Any]:
     template = json.loads((FIXTURES / "predict_batch.json").read_text())["body"]
     body = copy.deepcopy(template)
@@ -109,17 +118,15 @@ def measure_server_path(model: Path, images: Sequence[np.ndarray], label_config:
     from harness import BackendProcess
 
     ls = FakeLabelStudio()
-    paths = ls.add_images(images)
+    warm, *paths = ls.add_images([warm_up_image(images), *images])
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         server = BackendProcess(backend_env(model, ls.url, Path(tmp), device, automatic, threshold),
                                 Path(tmp) / "backend.log")
         try:
             with httpx.Client(base_url=server.url, timeout=3600) as http:
-                http.post("/predict", json=_batch_body(paths[:1], label_config)).raise_for_status()  # warm-up
-                # fresh images (the warm-up one is in the embedding cache): served under other names
-                fresh = ls.add_images([np.ascontiguousarray(im[:, ::-1]) for im in images])
+                http.post("/predict", json=_batch_body([warm], label_config)).raise_for_status()
                 start = time.perf_counter()
-                r = http.post("/predict", json=_batch_body(fresh, label_config))
+                r = http.post("/predict", json=_batch_body(paths, label_config))
                 seconds = time.perf_counter() - start
                 r.raise_for_status()
                 answered = sum(isinstance(x, dict) for x in r.json()["results"])
@@ -135,7 +142,7 @@ def measure_bulk_path(model: Path, images: Sequence[np.ndarray], label_config: s
     import os
 
     ls = FakeLabelStudio()
-    paths = ls.add_images(images)
+    warm, *paths = ls.add_images([warm_up_image(images), *images])
     with tempfile.TemporaryDirectory(prefix="bench-bulk-") as tmp:
         env = backend_env(model, ls.url, Path(tmp), device, automatic, threshold)
         saved = {k: os.environ.get(k) for k in env}
@@ -156,10 +163,8 @@ def measure_bulk_path(model: Path, images: Sequence[np.ndarray], label_config: s
             loader = ImageLoader(ImageLoaderConfig.from_env())
             backend = OVSAMBackend(settings, runtime, loader, JobManager(), Metrics())
             schema = backend.schema(label_config)
-            warm = [{"id": 1, "data": {"image": paths[0]}, "project": 1}]
-            list(backend.iter_predictions(warm, schema))
-            fresh = ls.add_images([np.ascontiguousarray(im[::-1]) for im in images])
-            tasks = [{"id": 2000 + i, "data": {"image": p}, "project": 1} for i, p in enumerate(fresh)]
+            list(backend.iter_predictions([{"id": 1, "data": {"image": warm}, "project": 1}], schema))
+            tasks = [{"id": 2000 + i, "data": {"image": p}, "project": 1} for i, p in enumerate(paths)]
             start = time.perf_counter()
             posted = 0
             for task, outcome in backend.iter_predictions(tasks, schema):
