@@ -36,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import outbound
 from .client import ClientError, LabelStudioClient, redact_url, short_error
-from .lru import SizedLRU
+from ovsam.cache import SizedLRU
 from .outbound import OutboundRefused
 
 __all__ = ["ImageError", "ImageLoader", "ImageLoaderConfig"]

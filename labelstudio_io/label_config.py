@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from .lru import SizedLRU
+from ovsam.cache import SizedLRU
 
 __all__ = [
     "LabelConfigError",

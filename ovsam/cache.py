@@ -1,60 +1,121 @@
-"""A byte-bounded, thread-safe LRU cache that computes each key at most once at a time (single flight)."""
+"""The project's one LRU cache: bounded by the size of what it holds, thread-safe, optionally single-flight.
+
+Clients choose what goes into every cache here (image embeddings, downloaded images, parsed label configs),
+so each is bounded by the size of its values (bytes, characters), not by a count of entries:
+``cachetools.LRUCache`` with ``getsizeof``, behind a lock because the server's threads share it. A value
+larger than ``max_entry`` is returned but not kept, so one huge entry cannot evict everything else.
+:class:`SingleFlightLRUCache` adds that concurrent requests for one key share one computation (two clicks
+on a new image encode it once).
+"""
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from concurrent.futures import Future
 from typing import Callable, Dict, Generic, Hashable, Optional, TypeVar
+
+from cachetools import LRUCache
+
+__all__ = ["SizedLRU", "SingleFlightLRUCache"]
 
 V = TypeVar("V")
 
 
-class SingleFlightLRUCache(Generic[V]):
-    """LRU by bytes. Concurrent `get_or_compute` calls for one key share one computation.
+class SizedLRU(Generic[V]):
+    """Thread-safe LRU whose values' total ``size_of`` stays within ``max_size``."""
 
-    The computation runs outside the lock, so other keys are served meanwhile; an entry bigger than the
-    whole budget is returned but not kept. A failed computation is not cached and its error reaches every
-    waiter of that flight.
-    """
-
-    def __init__(self, max_bytes: int, size_of: Callable[[V], int]) -> None:
-        self.max_bytes = int(max_bytes)
+    def __init__(self, max_size: int, size_of: Callable[[V], int], max_entry: Optional[int] = None) -> None:
         self._size_of = size_of
         self._lock = threading.Lock()
-        self._entries: "OrderedDict[Hashable, tuple[V, int]]" = OrderedDict()
+        self._max_entry = max_entry
+        self._cache: LRUCache[Hashable, V] = self._new(max_size)
+
+    def _new(self, max_size: int) -> "LRUCache[Hashable, V]":
+        return LRUCache(maxsize=max(int(max_size), 0), getsizeof=lambda v: int(self._size_of(v)))
+
+    @property
+    def max_size(self) -> int:
+        return int(self._cache.maxsize)
+
+    @property
+    def max_entry(self) -> int:
+        return self.max_size if self._max_entry is None else min(self._max_entry, self.max_size)
+
+    @property
+    def size(self) -> int:
+        return int(self._cache.currsize)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._cache
+
+    def keys(self) -> list:
+        """The keys held now, least recently used first."""
+        with self._lock:
+            return list(self._cache.keys())
+
+    def get(self, key: Hashable) -> Optional[V]:
+        with self._lock:
+            return self._cache.get(key)
+
+    def put(self, key: Hashable, value: V) -> None:
+        too_big = self._size_of(value) > self.max_entry
+        with self._lock:
+            if too_big:
+                self._cache.pop(key, None)  # the old value under this key is stale either way
+            else:
+                self._cache[key] = value
+
+    def resize(self, max_size: int, max_entry: Optional[int] = None) -> None:
+        """A new bound; entries over it are dropped, least recently used first."""
+        with self._lock:
+            old = self._cache
+            self._max_entry = max_entry
+            self._cache = self._new(max_size)
+            for key in list(old.keys()):
+                value = old[key]
+                if self._size_of(value) <= self.max_entry:
+                    self._cache[key] = value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+class SingleFlightLRUCache(SizedLRU[V]):
+    """A :class:`SizedLRU` (bounded in bytes) whose concurrent ``get_or_compute`` calls for one key share one
+    computation. The computation runs outside the lock, so other keys are served meanwhile; a failed
+    computation is not cached and its error reaches every waiter of that flight."""
+
+    def __init__(self, max_bytes: int, size_of: Callable[[V], int]) -> None:
+        super().__init__(max_bytes, size_of)
         self._inflight: Dict[Hashable, Future] = {}
-        self._bytes = 0
         self.hits = 0
         self.misses = 0
         self.computations = 0
 
     @property
+    def max_bytes(self) -> int:
+        return self.max_size
+
+    @property
     def nbytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._entries
+        return self.size
 
     def get(self, key: Hashable) -> Optional[V]:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[0]
+        value = super().get(key)
+        if value is not None:
+            with self._lock:
+                self.hits += 1
+        return value
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
+            if key in self._cache:
                 self.hits += 1
-                return entry[0]
+                return self._cache[key]  # cachetools marks it most recently used
             future = self._inflight.get(key)
             owner = future is None
             if owner:
@@ -75,28 +136,6 @@ class SingleFlightLRUCache(Generic[V]):
         with self._lock:
             self.computations += 1
             self._inflight.pop(key, None)
-            self._put_locked(key, value)
+        self.put(key, value)
         future.set_result(value)
         return value
-
-    def put(self, key: Hashable, value: V) -> None:
-        with self._lock:
-            self._put_locked(key, value)
-
-    def _put_locked(self, key: Hashable, value: V) -> None:
-        size = int(self._size_of(value))
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= old[1]
-        if size > self.max_bytes:
-            return
-        self._entries[key] = (value, size)
-        self._bytes += size
-        while self._bytes > self.max_bytes and self._entries:
-            _, (_, s) = self._entries.popitem(last=False)
-            self._bytes -= s
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0

@@ -259,7 +259,7 @@ def test_label_config_cache_is_bounded_in_bytes_of_xml(backend_env: dict[str, st
 
 
 def test_sized_lru_bounds_by_size_and_evicts_least_recent() -> None:
-    from labelstudio_io.lru import SizedLRU
+    from ovsam.cache import SizedLRU
 
     cache: SizedLRU[str] = SizedLRU(1000, len, max_entry=250)
     for i in range(50):

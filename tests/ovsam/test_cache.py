@@ -83,7 +83,7 @@ def test_many_entries_never_exceed_the_bound():
         size = int(rs.randint(1, 400))
         cache.get_or_compute(i, lambda s=size: b"z" * s)
         assert cache.nbytes <= 1000
-        assert cache.nbytes == sum(len(cache.get(k)) for k in list(cache._entries))
+        assert cache.nbytes == sum(len(cache.get(k)) for k in cache.keys())
     assert 199 in cache
 
 
