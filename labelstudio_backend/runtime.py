@@ -439,8 +439,12 @@ class ModelRuntime:
         except Exception:  # the first prediction reports it
             log.exception("could not load project %s's model", project)
 
-    def project_version(self, project: str | None) -> str:
-        """The model_version the project serves, from the registry's header, without loading any weights."""
+    def project_version(self, project: str | None, load_unreadable: bool = True) -> str:
+        """The model_version the project serves, from the registry's header, without loading any weights.
+
+        A header that cannot be read means the version is broken: with ``load_unreadable`` the project's model is
+        loaded now (which repairs its pointer); without, the pointer's file name is answered.
+        """
         serving = self.loaded(project)
         if serving is not None:
             return serving.version
@@ -453,6 +457,8 @@ class ModelRuntime:
                 name = self._version_names[key] = VersionInfo.read(path).version  # type: ignore[arg-type]
             return name
         except (OSError, ValueError, KeyError, AttributeError):
+            if not load_unreadable:
+                return path.name if path is not None else self.current.version
             return self.for_project(project).version  # unreadable header: load, which repairs the pointer
 
     def _models(self, project: str) -> ProjectModels | None:
@@ -538,12 +544,18 @@ class ModelRuntime:
         log.info("project %s now serves model version %s (was %s)", project, new.version,
                  old.version if old else self.current.version)
 
+    def loaded_projects(self) -> dict[str, dict[str, Any]]:
+        """Projects whose own model is loaded now (for /health): version and whether it shares the base's encoder."""
+        with self._projects_lock:
+            items = list(self._projects.items())
+        return {p: {"version": m.version, "shares_base_image_encoder": not m.owns_cache} for p, m in items}
+
     def served_versions(self) -> dict[str, str]:
         """Every project with its own version -> that version's name (headers only)."""
         out: dict[str, str] = {}
         for project in self.registry.project_ids():
             if self.registry.project(project).pointer():
-                out[project] = self.project_version(project)
+                out[project] = self.project_version(project, load_unreadable=False)
         return out
 
     def versions(self, project: str | None = None) -> list[VersionInfo]:

@@ -369,6 +369,7 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
             "model_version": serving.version,
             "model": serving.describe(),
             "projects": await run_in_threadpool(be.runtime.served_versions),
+            "loaded_projects": be.runtime.loaded_projects(),
             "jobs": be.jobs.summary(),
             "errors": metrics.errors_summary(),  # failures no answer shows; the list is in /metrics
         })
@@ -384,7 +385,8 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
         except asyncio.TimeoutError:
             task.add_done_callback(_consume_outcome)
             log.warning("/setup: the label config is still being read after %.1f s; answering now", _SETUP_BUDGET_S)
-            return {"model_version": be.project_version(project_id_of(data.get("project"))), "status": "ok"}
+            pid = project_id_of(data.get("project"))
+            return {"model_version": be.runtime.project_version(pid, load_unreadable=False), "status": "ok"}
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
