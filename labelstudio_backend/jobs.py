@@ -245,6 +245,8 @@ class TrainingRunner:
         if tasks is None:
             self._stage(job, "export")
             tasks = self.export_tasks(project_id)
+        if not tasks:
+            raise JobFailed(f"project {project_id}'s export holds no annotated tasks: nothing to train on")
         try:
             serving = self.runtime.for_project(project_id)  # a broken version is repaired here, before training
         except ModelLoadError as exc:
