@@ -228,6 +228,14 @@ class TrainingRunner:
         self.jobs = jobs
         self.store = jobs.store or JobStore(registry.root)
         self.slots = threading.Semaphore(settings.max_training_jobs)  # MAX_TRAINING_JOBS processes at a time
+        self.closing = threading.Event()
+
+    def close(self) -> None:
+        """The server is stopping: training processes are terminated, their jobs end ``interrupted``."""
+        self.closing.set()
+        for job in self.jobs.list():
+            if job.kind == "train" and job.active:
+                job.cancel_requested.set()
 
     def start(self, project_id: str, label_config: str, tasks: list[Any] | None = None) -> tuple[Job, bool]:
         """Queue a job for the project; ``tasks`` given (legacy ``/train``) skips the export."""
@@ -247,6 +255,9 @@ class TrainingRunner:
             tasks = self.export_tasks(project_id)
         if not tasks:
             raise JobFailed(f"project {project_id}'s export holds no annotated tasks: nothing to train on")
+        if job.cancel_requested.is_set():
+            self._cancelled(job)
+            return
         try:
             serving = self.runtime.for_project(project_id)  # a broken version is repaired here, before training
         except ModelLoadError as exc:
@@ -279,7 +290,7 @@ class TrainingRunner:
         except TrainingProcessError as exc:
             raise JobFailed(str(exc)) from exc
         if outcome is None:
-            job.status, job.message = "cancelled", "cancelled: the training process was terminated"
+            self._cancelled(job)
             return
         job.artifact, job.promoted = str(outcome.candidate), outcome.promote
         job.progress.update(gate=(outcome.gate or {}).get("reason"))
@@ -308,6 +319,12 @@ class TrainingRunner:
         self.runtime.install_for_project(project_id, new)
         job.artifact, job.model_version = str(stored), new.version
         job.message = f"promoted: project {project_id} now serves {new.version}"
+
+    def _cancelled(self, job: Job) -> None:
+        if self.closing.is_set():
+            job.status, job.message = "interrupted", "interrupted: the backend shut down; the training process was stopped"
+        else:
+            job.status, job.message = "cancelled", "cancelled: the training process was terminated"
 
     def _stage(self, job: Job, stage: str) -> None:
         job.progress["stage"] = stage

@@ -168,6 +168,7 @@ class OVSAMBackend:
         return self.runtime.project_version(project)
 
     def close(self) -> None:
+        self.training.close()
         self._io.shutdown(wait=False, cancel_futures=True)
 
     # -- setup ---------------------------------------------------------------

@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -82,8 +84,23 @@ def run_job(job_dir: Path) -> Dict[str, Any]:
                     "val_images": out.get("val_images"), "skipped": out.get("skipped"), "steps": out.get("steps")})
 
 
+def _exit_with_parent(interval_s: float = 2.0) -> None:
+    """End this process when the backend that started it is gone (killed with -9, say): nobody would read the result."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        sys.stderr.write("the backend that started this job is gone; stopping\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main_job(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _exit_with_parent()
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job_dir = args.job_dir

@@ -209,3 +209,26 @@ def test_export_failure_fails_the_job_with_the_reason(make_client: Any, helpers:
     job = finished_job(client, helpers, start(client, helpers.fixture_body("train"))["job"])
     assert job["status"] == "failed"
     assert "HTTP 401" in job["message"] and "LABEL_STUDIO_API_KEY" in job["message"]
+
+
+def test_stopping_the_server_stops_its_training_process_and_the_job_shows_interrupted(
+    make_client: Any, helpers: Any, training_env: dict[str, str], synth_data: dict[str, Any], fake_ls: Any
+) -> None:
+    fake_ls.export_tasks = [{**t, "data": {**t["data"], "image": "/data/upload/1/held.png"}} for t in synth_data["tasks"]]
+    fake_ls.holds["/data/upload/1/held"] = threading.Event()
+    client = make_client(**training_env)
+    job_id = start(client, helpers.train_body(1, synth_data["config"]))["job"]
+    pid = helpers.wait_for(lambda: client.get(f"/jobs/{job_id}").json()["pid"], timeout=120)
+    client.__exit__(None, None, None)
+    record = Path(training_env["MODEL_DIR"]) / "jobs" / f"{job_id}.json"
+    helpers.wait_for(lambda: json.loads(record.read_text())["status"] == "interrupted", timeout=60)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    assert helpers.wait_for(gone, timeout=60)
+    assert make_client(**training_env).get(f"/jobs/{job_id}").json()["status"] == "interrupted"
