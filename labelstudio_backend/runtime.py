@@ -390,7 +390,8 @@ class ModelRuntime:
             if source.kind != "promoted":
                 raise
             log.exception("the promoted model cannot be loaded; falling back to the base model")
-            self.problems["*"] = f"the global MODEL_DIR/current model cannot be loaded ({exc}); serving the base model"
+            why = str(exc).replace(str(source.path), source.path.name)  # for /health: no paths
+            self.problems["*"] = f"the global MODEL_DIR/current model cannot be loaded ({why}); serving the base model"
             serving = self.load(ModelSource.resolve(self.settings, self.registry, promoted=False))
         self._serving = serving
         projects = [p for p in self.registry.project_ids() if self.registry.project(p).pointer()]
@@ -488,7 +489,8 @@ class ModelRuntime:
                      and not base.artifact.config.decoder_high_res)  # high-res maps come from the head
             artifact = load_artifact(path, device="cpu", shared_image_encoder=base.artifact.model if share else None)
         except Exception as exc:  # torn file, flipped bytes, not an artifact
-            raise ModelLoadError(f"cannot load project model {path.name!r}: {exc}") from exc
+            why = str(exc).replace(str(path), path.name)  # the reason goes to /health: a file name, not a path
+            raise ModelLoadError(f"cannot load project model {path.name!r}: {why}") from exc
         serving = self._serving_model(artifact, ModelSource("project", path), 0 if share else
                                       self.settings.embedding_cache_bytes)
         if share:

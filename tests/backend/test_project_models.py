@@ -49,6 +49,7 @@ def test_a_damaged_version_falls_back_to_the_previous_good_one_and_training_star
     assert health["status"] == "UP" and health["model_status"] == "degraded"
     [problem] = health["problems"]
     assert problem["project"] == "1" and "p1-bad" in problem["reason"] and "checksum" in problem["reason"]
+    assert str(model_dir) not in json.dumps(health)  # no paths for callers without basic auth
     assert "previous version p1-good" in problem["reason"]
     assert (model_dir / "projects" / "1" / "current").read_text().strip() == good.name  # the pointer is repaired
     assert not bad.exists() and bad.with_name(bad.name + ".broken").exists()
@@ -101,7 +102,8 @@ def test_a_broken_global_model_falls_back_to_the_checkpoint_and_says_so(
     stored.write_bytes(stored.read_bytes()[:1000])  # a torn file
     health = make_client().get("/health").json()
     assert health["model_version"] == "tiny-1" and health["model"]["kind"] == "checkpoint"
-    assert health["model_status"] == "degraded"
+    assert health["model_status"] == "degraded" and "tiny-4.safetensors" in health["problems"][0]["reason"]
+    assert backend_env["MODEL_DIR"] not in json.dumps(health)
     assert "promoted model cannot be loaded" in caplog.text
 
 

@@ -336,8 +336,7 @@ def train_and_wait(http: httpx.Client, helpers: Any) -> dict[str, Any]:
 
 
 def test_setup_hijack_is_refused_and_attacker_gets_no_token(
-    helpers: Any, backend_env: dict[str, str], fake_ls: Any, hosts: Any, monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    helpers: Any, backend_env: dict[str, str], fake_ls: Any, hosts: Any,
 ) -> None:
     attacker = hosts()
     env = env_without(backend_env, "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY")  # the README's default
@@ -364,8 +363,7 @@ def test_setup_hijack_is_refused_and_attacker_gets_no_token(
 
 
 def test_env_key_never_goes_to_a_setup_hostname(
-    helpers: Any, backend_env: dict[str, str], hosts: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-    caplog: Any,
+    helpers: Any, backend_env: dict[str, str], hosts: Any, caplog: Any,
 ) -> None:
     attacker = hosts({"/data/upload/1/x.png": image(helpers.png_bytes()), "/api/projects/1/export": image(b"[]")})
     env = env_without(backend_env, "LABEL_STUDIO_URL", LABEL_STUDIO_API_KEY=KEY)  # key set, URL unset
