@@ -219,7 +219,9 @@ class BackendClient:
             time.sleep(poll_s)
 
     def served_version(self) -> str:
-        return self.http.get("/health").json().get("model_version", "?")
+        """The project's model_version (its own trained one, or the shared base's)."""
+        health = self.http.get("/health").json()
+        return health.get("projects", {}).get(str(PROJECT_ID), health.get("model_version", "?"))
 
 
 def regions(result: dict[str, Any]) -> tuple[list[np.ndarray], list[str], list[float]]:

@@ -16,8 +16,8 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
                             the first ``/setup`` hostname (warned at start-up).
 ``LABEL_STUDIO_API_KEY``    legacy token or personal access token (alias
                             ``LABEL_STUDIO_ACCESS_TOKEN``); sent only to ``LABEL_STUDIO_URL``.
-``MODEL_DIR``               model registry: ``versions/*.safetensors`` + ``current``
-                            (default ``./models``).
+``MODEL_DIR``               model registry: ``projects/<id>/versions`` + ``current`` per project,
+                            job records in ``jobs/`` (default ``./models``).
 ``OVSAM_CHECKPOINT``        base model: an artifact file or official weights (file or dir).
                             Served unless ``MODEL_DIR/current`` names a promoted version.
 ``DEVICE``                  ``cuda``, ``cuda:1``, ``cpu`` (default: ``cuda`` if available).
@@ -26,7 +26,15 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
 ``BASIC_AUTH_USER``/``_PASS``  HTTP basic auth on every endpoint (both or neither).
 ``LOG_LEVEL``               ``DEBUG``/``INFO``/``WARNING``/... (default ``INFO``).
 ``TRAINING_OPTIONS``        JSON object of fine-tuning overrides for START_TRAINING jobs,
-                            e.g. ``{"epochs": 4, "batch_size": 1}`` (FinetuneConfig fields).
+                            e.g. ``{"epochs": 4, "batch_size": 1}`` (FinetuneConfig fields;
+                            ``gate_tolerance`` sets the promotion gate's tolerance).
+``MAX_TRAINING_JOBS``       training processes running at once (default 1); more jobs queue.
+``TRAINING_TIMEOUT_S``      a training process still running after this is killed and its job
+                            fails (default 21600).
+``JOBS_KEEP``               job folders kept per project (default 5); older ones are deleted
+                            with their unpromoted candidates (job records are kept).
+``MAX_LOADED_PROJECT_MODELS``  projects' own trained models kept loaded (default 4; least
+                            recently used first out); they share the base's image encoder.
 ``RECOGNISED_LABEL_WINS``   ``true`` (default): a click's region gets the recognised class
                             even when the annotator picked another label on the smart
                             tool; ``false``: the annotator's label wins.
@@ -76,10 +84,12 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Settings", "SettingsError"]
 
@@ -122,6 +132,19 @@ def _number(env: Mapping[str, str], name: str, default: float, *, low: float, hi
     if value < low or (high is not None and value > high):
         bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
         raise SettingsError(f"{name}={raw!r} must be {bound}")
+    return value
+
+
+def _json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:
+    raw = _get(env, name)
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise SettingsError(f"{name} must be a JSON object")
     return value
 
 
@@ -168,6 +191,11 @@ class Settings:
     request_body_timeout_s: float = 30.0
     label_config_cache_mb: float = 16.0
     precision: str = "bf16"
+    training_options: dict[str, Any] = field(default_factory=dict)
+    max_training_jobs: int = 1
+    training_timeout_s: float = 21600.0
+    jobs_keep: int = 5
+    max_loaded_project_models: int = 4
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -224,4 +252,9 @@ class Settings:
             request_body_timeout_s=_number(env, "REQUEST_BODY_TIMEOUT_S", 30.0, low=0.1, high=3600.0),
             label_config_cache_mb=_number(env, "LABEL_CONFIG_CACHE_MB", 16.0, low=0.0),
             precision=_precision(env),
+            training_options=_json_object(env, "TRAINING_OPTIONS"),
+            max_training_jobs=int(_number(env, "MAX_TRAINING_JOBS", 1, low=1, high=64)),
+            training_timeout_s=_number(env, "TRAINING_TIMEOUT_S", 21600.0, low=1.0),
+            jobs_keep=int(_number(env, "JOBS_KEEP", 5, low=1)),
+            max_loaded_project_models=int(_number(env, "MAX_LOADED_PROJECT_MODELS", 4, low=1, high=1024)),
         )

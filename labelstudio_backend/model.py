@@ -57,7 +57,7 @@ from .config import Settings
 from .jobs import JobManager, TrainingRunner
 from .lanes import background_lane
 from .metrics_log import Metrics
-from .runtime import ModelRuntime, ServingModel
+from .runtime import ModelLoadError, ModelRuntime, ServingModel
 
 __all__ = ["OVSAMBackend", "PredictPlan", "RequestError", "project_id_of"]
 
@@ -152,7 +152,7 @@ class OVSAMBackend:
         self.images = images
         self.jobs = jobs
         self.metrics = metrics
-        self.training = TrainingRunner(runtime, runtime.registry, images)
+        self.training = TrainingRunner(settings, runtime, runtime.registry, images, jobs)
         self.bulk = BulkPredictions(jobs, self.iter_predictions, lambda task_id, p: post_prediction(images, task_id, p),
                                     metrics)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-io")
@@ -162,9 +162,15 @@ class OVSAMBackend:
 
     @property
     def model_version(self) -> str:
+        """The base model's version (what a project without its own trained model serves)."""
         return self.runtime.current.version
 
+    def project_version(self, project: str | None) -> str:
+        """The model_version a project sees: its own promoted version, or the base's (no weights loaded)."""
+        return self.runtime.project_version(project)
+
     def close(self) -> None:
+        self.training.close()
         self._io.shutdown(wait=False, cancel_futures=True)
 
     # -- setup ---------------------------------------------------------------
@@ -180,18 +186,24 @@ class OVSAMBackend:
             )
         except LabelStudioConflict as exc:
             raise RequestError(409, str(exc)) from exc
-        out: dict[str, Any] = {"model_version": self.model_version, "status": "ok"}
+        project = project_id_of(body.get("project"))
+        out: dict[str, Any] = {"model_version": self.project_version(project), "status": "ok"}
+        self.runtime.preload(project)  # the project's own model, in the background
         xml = body.get("schema")
         if xml is not None:
             schema = self.schema(xml)
             out["labels"] = schema.labels
             out["output"] = schema.output.type
-            self.warm_vocabulary(schema)
+            self.warm_vocabulary(schema, project)
         return out
 
-    def warm_vocabulary(self, schema: ProjectSchema) -> None:
-        """Queue the project's text embeddings ahead of its first prediction (returns at once)."""
-        future = self.runtime.current.vocabulary_future(schema.labels, schema.synonyms)
+    def warm_vocabulary(self, schema: ProjectSchema, project: str | None = None) -> None:
+        """Queue the project's text embeddings ahead of its first prediction (returns at once).
+
+        On the project's model when it is loaded; else on the base, whose text tower it shares unless trained.
+        """
+        serving = self.runtime.loaded(project) or self.runtime.current
+        future = serving.vocabulary_future(schema.labels, schema.synonyms)
         future.add_done_callback(_log_vocabulary_failure)
 
     def schema(self, xml: Any) -> ProjectSchema:
@@ -218,14 +230,15 @@ class OVSAMBackend:
 
     # -- predict -------------------------------------------------------------
     def predict(
-        self, tasks: Sequence[Mapping[str, Any]], label_config: str, context: Mapping[str, Any] | None = None
+        self, tasks: Sequence[Mapping[str, Any]], label_config: str, context: Mapping[str, Any] | None = None,
+        project: Any = None,
     ) -> dict[str, Any]:
         """Label Studio's ``/predict`` answer for already shape-checked input, in the caller's thread.
 
         The server runs the same steps (:meth:`plan`, :meth:`vocabulary_future` /
         :meth:`use_vocabulary`, :meth:`load_image`, :meth:`run`) on separate lanes.
         """
-        plan = self.plan(tasks, label_config, context)
+        plan = self.plan(tasks, label_config, context, project)
         future = self.vocabulary_future(plan)
         wait([future])
         self.use_vocabulary(plan, future)
@@ -234,11 +247,16 @@ class OVSAMBackend:
         return self.run(plan)
 
     def plan(
-        self, tasks: Sequence[Mapping[str, Any]], label_config: str, context: Mapping[str, Any] | None = None
+        self, tasks: Sequence[Mapping[str, Any]], label_config: str, context: Mapping[str, Any] | None = None,
+        project: Any = None,
     ) -> PredictPlan:
-        """Check a request and find what it needs (cheap: no model work, no download)."""
+        """Check a request and find what it needs (no model work, no download; a project's model may load).
+
+        The model is the request's project's (``project``, else its first task's): one for the whole request,
+        even if a swap happens meanwhile.
+        """
         schema = self.schema(label_config)
-        serving = self.runtime.current  # one model for the whole request, even if a swap happens
+        serving = self._serving_for(project, tasks)
         if context is None or "result" not in context:
             return PredictPlan(serving, schema, list(tasks))
         if len(tasks) != 1:
@@ -413,14 +431,21 @@ class OVSAMBackend:
                 results.append({"result": [], "score": 0.0, "model_version": serving.version})
         return results
 
+    def _serving_for(self, project: Any, tasks: Sequence[Mapping[str, Any]]) -> ServingModel:
+        pid = project_id_of(project) or (project_id_of(tasks[0].get("project")) if tasks else None)
+        try:
+            return self.runtime.for_project(pid)
+        except ModelLoadError as exc:
+            raise RequestError(503, f"project {pid}'s model cannot be loaded: {exc}") from exc
+
     def iter_predictions(
-        self, tasks: Sequence[Mapping[str, Any]], schema: ProjectSchema, prefetch: int = 4
+        self, tasks: Sequence[Mapping[str, Any]], schema: ProjectSchema, prefetch: int = 4, project: Any = None
     ) -> Iterator[tuple[Mapping[str, Any], dict[str, Any] | Exception]]:
-        """Each task's pre-annotation (or why it failed) with the model served now, in task order.
+        """Each task's pre-annotation (or why it failed) with the project's model served now, in task order.
 
         Images of the next ``prefetch`` tasks download and decode while the model works (bulk command).
         """
-        serving = self.runtime.current
+        serving = self._serving_for(project, tasks)
         generator = self._generator(serving.predictor_for(schema.labels, schema.synonyms))
         loads = _prefetch(tasks, lambda t: self._load_image(t, schema), self._io, prefetch)
         try:
@@ -536,15 +561,20 @@ class OVSAMBackend:
         return self.start_training(project_id, xml, None)
 
     def start_training(self, project_id: str, xml: Any, tasks: list[Any] | None) -> dict[str, Any]:
+        """Queue a training job for this project only; a busy project answers with its job's state at once."""
         self.schema(xml)  # a config the backend cannot use cannot be trained on either
-        job, started = self.jobs.start(project_id, self.training.job(project_id, xml, tasks))
+        try:
+            job, started = self.training.start(project_id, xml, tasks)
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from exc
         if not started:
             return {
-                "status": "already_running",
+                "status": f"already_{job.status}",
                 "job": job.id,
-                "message": f"training job {job.id} is already running for project {project_id}",
+                "state": job.status,
+                "message": f"training job {job.id} is already {job.status} for project {project_id}",
             }
-        return {"status": "ok", "job": job.id}
+        return {"status": "ok", "job": job.id, "state": job.status}
 
 
 def _log_vocabulary_failure(future: Future[OVSAMPredictor]) -> None:

@@ -167,7 +167,7 @@ def _run(settings: Any, args: argparse.Namespace, selection: TaskSelection) -> i
     runtime = ModelRuntime(settings, ModelRegistry(settings.model_dir))
     runtime.start()
     backend = OVSAMBackend(settings, runtime, images, JobManager(), Metrics())
-    version = runtime.current.version
+    version = runtime.for_project(str(args.project)).version
     try:
         schema = backend.schema(_project_config(images, args.project))
     except RequestError as exc:
@@ -180,7 +180,7 @@ def _run(settings: Any, args: argparse.Namespace, selection: TaskSelection) -> i
     posted = failed = 0
     with tqdm(total=len(todo), desc=f"preannotate {version}{shard}", unit="task", disable=None) as bar:
         for chunk in _chunks(todo, max(args.page_size, 1)):
-            for task, outcome in backend.iter_predictions(chunk, schema, prefetch=args.prefetch):
+            for task, outcome in backend.iter_predictions(chunk, schema, prefetch=args.prefetch, project=str(args.project)):
                 try:
                     if isinstance(outcome, Exception):
                         raise outcome

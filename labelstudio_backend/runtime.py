@@ -1,11 +1,19 @@
-"""The served model: which one to load, its predictor, per-project vocabularies, and hot swap.
+"""The served models: the shared base, each project's own version, their predictors, and hot swap.
 
 A :class:`ServingModel` is one loaded version with everything derived from it.
-:class:`ModelRuntime` holds the current one behind a single reference: a
-request takes that reference once and uses it to the end, so swapping in a
-newly trained model never disturbs requests in flight (they finish on the old
-one) and never makes ``/health`` or ``/setup`` wait (reading a reference takes
-no lock).
+:class:`ModelRuntime` holds the base model (``OVSAM_CHECKPOINT``, the shipped
+demo, or an older global ``MODEL_DIR/current``) and, per project with a
+promoted version, that project's model, loaded on first use and kept in a
+bounded LRU (``MAX_LOADED_PROJECT_MODELS``). A project model whose image
+encoder has the base's checksum shares the base's trunk, neck and
+image-embedding cache, so it costs only its head. A request takes its
+project's reference once and uses it to the end, so swapping in a newly
+trained model never disturbs requests in flight, and ``/setup`` reads the
+project's version from the registry without loading anything.
+
+A project's version that cannot be loaded (torn file, flipped bytes) is set
+aside: the project falls back to its previous good version, or the base, its
+pointer is repaired, and ``/health`` reports the reason (``problems``).
 
 All predictors on one device share one lock, so model work stays serialised
 per device even while an old and a new model briefly coexist during a swap.
@@ -26,14 +34,14 @@ from typing import Any
 
 import torch
 
-from ovsam.artifact import ModelArtifact, save_artifact
+from ovsam.artifact import ModelArtifact, load_artifact, read_artifact_metadata, save_artifact
 from ovsam.checkpoint import load_model
 from ovsam.predictor import OVSAMPredictor
 from ovsam.vocabulary import Vocabulary, VocabularyBuilder, resolve_vocabulary
 
 from .config import Settings
 from .lanes import PriorityLock, background_lane
-from .registry import ModelRegistry, VersionInfo
+from .registry import ModelRegistry, ProjectModels, VersionInfo
 
 __all__ = [
     "DEFAULT_MODEL_PATH",
@@ -73,9 +81,10 @@ class ModelLoadError(RuntimeError):
 class ModelSource:
     """Where the served model comes from.
 
-    ``kind`` is ``promoted`` (``MODEL_DIR/current``), ``checkpoint``
-    (``OVSAM_CHECKPOINT``), ``default-demo`` (the shipped offline model) or
-    ``untrained-tiny`` (random weights; only so the server starts anywhere).
+    ``kind`` is ``promoted`` (the older global ``MODEL_DIR/current``: the base of
+    every project), ``checkpoint`` (``OVSAM_CHECKPOINT``), ``default-demo`` (the
+    shipped offline model), ``untrained-tiny`` (random weights; only so the
+    server starts anywhere), or ``project`` (a project's own trained version).
     """
 
     kind: str
@@ -140,6 +149,7 @@ class ServingModel:
         self.loaded_at = time.time()
         self.predictor = OVSAMPredictor(artifact.model, artifact.vocabulary, cache_bytes=cache_bytes, device=device)
         self.predictor.model_lock = device_lock(self.predictor.device)
+        self.owns_cache = True  # False: the embedding cache is the base model's (shared image encoder)
         self._views: OrderedDict[tuple[Any, ...], OVSAMPredictor] = OrderedDict()
         self._building: dict[tuple[Any, ...], Future[OVSAMPredictor]] = {}
         self._progress: dict[tuple[Any, ...], tuple[int, int]] = {}
@@ -295,6 +305,7 @@ class ServingModel:
             "labels": len(self.artifact.vocabulary),
             "loaded_at": self.loaded_at,
             "trained": self.kind != "untrained-tiny",
+            "shares_base_image_encoder": not self.owns_cache,
             "vocabularies": self._vocabularies_state(),
             "embedding_cache": {
                 "entries": len(cache),
@@ -307,34 +318,38 @@ class ServingModel:
 
 
 class ModelRuntime:
-    """Holds the served model and swaps it for a newly promoted one without a restart."""
+    """The base model and each project's own model; swaps a project's model without a restart."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         self.settings = settings
         self.registry = registry
-        self._serving: ServingModel | None = None
+        self._serving: ServingModel | None = None  # the base model
+        self._projects: OrderedDict[str, ServingModel] = OrderedDict()  # loaded project models, LRU
+        self._projects_lock = threading.Lock()
+        self._project_load_locks: dict[str, threading.Lock] = {}
         self._swap_lock = threading.Lock()
+        self._version_names: dict[tuple[str, float], str] = {}  # (path, mtime) -> version, read from headers
+        self.problems: dict[str, str] = {}  # project -> why its pointer had to be repaired (/health)
         # One thread builds text embeddings for new label sets, for every served model.
         self.vocabulary_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocabulary")
+        # One thread loads project models ahead of their first prediction (/setup asks for it).
+        self._preload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
 
     @property
     def current(self) -> ServingModel:
+        """The base model (what a project without a trained version serves)."""
         serving = self._serving
         if serving is None:
             raise ModelLoadError("no model is loaded yet")
         return serving
 
+    base = current
+
     def load(self, source: ModelSource) -> ServingModel:
         """Load a source onto the configured device (slow: call it off the event loop)."""
         start = time.perf_counter()
         artifact = load_model_artifact(source)
-        try:
-            serving = ServingModel(
-                artifact, source, self.settings.device, self.settings.embedding_cache_bytes, self.vocabulary_executor
-            )
-        except (RuntimeError, ValueError, AssertionError) as exc:  # e.g. DEVICE=cuda without CUDA
-            raise ModelLoadError(f"cannot place the model on device {self.settings.device!r}: {exc}") from exc
-        serving.predictor.use_autocast &= self.settings.precision == "bf16"  # PRECISION=fp32: no autocast
+        serving = self._serving_model(artifact, source, self.settings.embedding_cache_bytes)
         log.info(
             "loaded model %s (%s, %s) on %s in %.2f s",
             serving.version, source.kind, serving.path or "built in memory", serving.device,
@@ -354,41 +369,216 @@ class ModelRuntime:
             )
         return serving
 
+    def _serving_model(self, artifact: ModelArtifact, source: ModelSource, cache_bytes: int) -> ServingModel:
+        try:
+            serving = ServingModel(artifact, source, self.settings.device, cache_bytes, self.vocabulary_executor)
+        except (RuntimeError, ValueError, AssertionError) as exc:  # e.g. DEVICE=cuda without CUDA
+            raise ModelLoadError(f"cannot place the model on device {self.settings.device!r}: {exc}") from exc
+        serving.predictor.use_autocast &= self.settings.precision == "bf16"  # PRECISION=fp32: no autocast
+        return serving
+
     def start(self) -> ServingModel:
-        """Load the model to serve at start-up (see :meth:`ModelSource.resolve`)."""
+        """Load the base model, then the most recently trained projects' models (repairing broken pointers)."""
         source = ModelSource.resolve(self.settings, self.registry)
+        if source.kind == "promoted":
+            log.info("the older global registry %s names %s: it is the base model of every project "
+                     "(projects' own versions live in %s)", self.registry.pointer_path, source.path.name,
+                     self.registry.root / "projects")
         try:
             serving = self.load(source)
-        except ModelLoadError:
+        except ModelLoadError as exc:
             if source.kind != "promoted":
                 raise
             log.exception("the promoted model cannot be loaded; falling back to the base model")
+            why = str(exc).replace(str(source.path), source.path.name)  # for /health: no paths
+            self.problems["*"] = f"the global MODEL_DIR/current model cannot be loaded ({why}); serving the base model"
             serving = self.load(ModelSource.resolve(self.settings, self.registry, promoted=False))
         self._serving = serving
+        projects = [p for p in self.registry.project_ids() if self.registry.project(p).pointer()]
+        projects.sort(key=lambda p: _mtime(self.registry.project(p).pointer_path), reverse=True)
+        for project in projects[: self.settings.max_loaded_project_models]:
+            self.for_project(project)
+        for project in projects[self.settings.max_loaded_project_models:]:
+            self._check_pointer(project)
         return serving
 
-    def versions(self) -> list[VersionInfo]:
-        """What this backend can serve: the base model, every stored version, and the served one."""
-        infos: list[VersionInfo] = []
-        base = Path(self.settings.checkpoint) if self.settings.checkpoint else DEFAULT_MODEL_PATH
-        if base.is_file():
+    # -- projects ----------------------------------------------------------
+    def loaded(self, project: str | None) -> ServingModel | None:
+        """The project's model if it is loaded (or it serves the base): never loads anything."""
+        if project is None:
+            return self.current
+        with self._projects_lock:
+            serving = self._projects.get(project)
+            if serving is not None:
+                self._projects.move_to_end(project)
+                return serving
+        return self.current if self._models(project) is None or self._models(project).pointer() is None else None
+
+    def for_project(self, project: str | None) -> ServingModel:
+        """The model a project serves: its promoted version (loaded now if needed), or the base."""
+        serving = self.loaded(project)
+        if serving is not None:
+            return serving
+        assert project is not None
+        with self._projects_lock:
+            lock = self._project_load_locks.setdefault(project, threading.Lock())
+        with lock:  # one load per project, however many requests ask
+            serving = self.loaded(project)
+            if serving is None:
+                serving = self._load_project(project)
+                self._remember(project, serving)
+        return serving
+
+    def preload(self, project: str | None) -> None:
+        """Load the project's model in the background (returns at once; /setup must not wait)."""
+        if project is not None and self.loaded(project) is None:
+            self._preload_executor.submit(self._preload, project)
+
+    def _preload(self, project: str) -> None:
+        try:
+            self.for_project(project)
+        except Exception:  # the first prediction reports it
+            log.exception("could not load project %s's model", project)
+
+    def project_version(self, project: str | None, load_unreadable: bool = True) -> str:
+        """The model_version the project serves, from the registry's header, without loading any weights.
+
+        A header that cannot be read means the version is broken: with ``load_unreadable`` the project's model is
+        loaded now (which repairs its pointer); without, the pointer's file name is answered.
+        """
+        serving = self.loaded(project)
+        if serving is not None:
+            return serving.version
+        assert project is not None
+        path = self.registry.project(project).current()
+        try:
+            key = (str(path), path.stat().st_mtime)  # type: ignore[union-attr]
+            name = self._version_names.get(key)
+            if name is None:
+                name = self._version_names[key] = VersionInfo.read(path).version  # type: ignore[arg-type]
+            return name
+        except (OSError, ValueError, KeyError, AttributeError):
+            if not load_unreadable:
+                return path.name if path is not None else self.current.version
+            return self.for_project(project).version  # unreadable header: load, which repairs the pointer
+
+    def _models(self, project: str) -> ProjectModels | None:
+        try:
+            return self.registry.project(project)
+        except ValueError:
+            return None
+
+    def _remember(self, project: str, serving: ServingModel) -> None:
+        if serving is self.current:
+            return
+        with self._projects_lock:
+            self._projects[project] = serving
+            self._projects.move_to_end(project)
+            while len(self._projects) > self.settings.max_loaded_project_models:
+                evicted, old = self._projects.popitem(last=False)
+                log.info("unloaded project %s's model %s (MAX_LOADED_PROJECT_MODELS=%d)",
+                         evicted, old.version, self.settings.max_loaded_project_models)
+
+    def load_project_artifact(self, path: Path) -> ServingModel:
+        """Load a project's artifact (checksum verified), sharing the base's image encoder when it is the same."""
+        base = self.current
+        try:
+            expected = (read_artifact_metadata(path).get("checksum") or {}).get("image_encoder")
+            base_sum = (base.artifact.checksum or {}).get("image_encoder")
+            share = (expected is not None and expected == base_sum
+                     and not base.artifact.config.decoder_high_res)  # high-res maps come from the head
+            artifact = load_artifact(path, device="cpu", shared_image_encoder=base.artifact.model if share else None)
+        except Exception as exc:  # torn file, flipped bytes, not an artifact
+            why = str(exc).replace(str(path), path.name)  # the reason goes to /health: a file name, not a path
+            raise ModelLoadError(f"cannot load project model {path.name!r}: {why}") from exc
+        serving = self._serving_model(artifact, ModelSource("project", path), 0 if share else
+                                      self.settings.embedding_cache_bytes)
+        if share:
+            serving.predictor.cache, serving.owns_cache = base.predictor.cache, False
+        log.info("loaded project model %s (%s)", serving.version,
+                 "sharing the base's image encoder" if share else "with its own image encoder")
+        return serving
+
+    def _check_pointer(self, project: str) -> None:
+        """A pointer naming a missing file is repaired at start-up (loading the rest waits for their first use)."""
+        models = self.registry.project(project)
+        path = models.current()
+        if path is not None and not path.is_file():
+            self._load_project(project)
+
+    def _load_project(self, project: str) -> ServingModel:
+        """Load the project's version; on failure set it aside and fall back to the previous good one, or the base."""
+        models = self.registry.project(project)
+        path = models.current()
+        if path is None:
+            return self.current
+        try:
+            return self.load_project_artifact(path) if path.is_file() else _missing(path)
+        except ModelLoadError as exc:
+            reason = f"project {project}: its model {path.name} cannot be loaded ({exc})"
+        log.error("%s; setting it aside", reason)
+        models.set_aside(path)
+        for older in models.version_paths():
             try:
-                infos.append(VersionInfo.read(base))
-            except (OSError, ValueError):
-                pass  # official weights: their version is known once loaded (the served one below)
+                serving = self.load_project_artifact(older)
+            except ModelLoadError as exc:
+                log.error("project %s: %s; setting it aside", project, exc)
+                models.set_aside(older)
+                continue
+            models.point_to(older)
+            self.problems[project] = f"{reason}; repaired: now serving its previous version {serving.version}"
+            log.error("%s", self.problems[project])
+            return serving
+        models.point_to(None)
+        self.problems[project] = f"{reason}; repaired: now serving the base model {self.current.version}"
+        log.error("%s", self.problems[project])
+        return self.current
+
+    def install_for_project(self, project: str, new: ServingModel) -> None:
+        """Switch the project's served model; its requests in flight finish on the old one."""
+        with self._swap_lock:
+            with self._projects_lock:
+                old = self._projects.get(project)
+            self._remember(project, new)
+            self.problems.pop(project, None)
+        if old is not None and old is not new and old.owns_cache:
+            old.predictor.cache.clear()  # in-flight requests keep their own feature references
+        log.info("project %s now serves model version %s (was %s)", project, new.version,
+                 old.version if old else self.current.version)
+
+    def loaded_projects(self) -> dict[str, dict[str, Any]]:
+        """Projects whose own model is loaded now (for /health): version and whether it shares the base's encoder."""
+        with self._projects_lock:
+            items = list(self._projects.items())
+        return {p: {"version": m.version, "shares_base_image_encoder": not m.owns_cache} for p, m in items}
+
+    def served_versions(self) -> dict[str, str]:
+        """Every project with its own version -> that version's name (headers only)."""
+        out: dict[str, str] = {}
+        for project in self.registry.project_ids():
+            if self.registry.project(project).pointer():
+                out[project] = self.project_version(project, load_unreadable=False)
+        return out
+
+    def versions(self, project: str | None = None) -> list[VersionInfo]:
+        """What this backend can serve: the base model and every stored version (of one project, or of all)."""
+        infos: list[VersionInfo] = []
+        base = self.current
+        infos.append(VersionInfo(base.version, base.path, base.loaded_at, base.artifact.metrics,
+                                 base.artifact.provenance))
         infos += self.registry.list_versions()
-        serving = self.current
-        infos.append(VersionInfo(serving.version, serving.path, serving.loaded_at, serving.artifact.metrics,
-                                 serving.artifact.provenance))
+        projects = [project] if project is not None else self.registry.project_ids()
+        for p in projects:
+            infos += self.registry.project(p).list_versions()
         unique: dict[str, VersionInfo] = {}
         for info in infos:
             unique.setdefault(info.version, info)
         return list(unique.values())
 
-    def load_for_swap(self, path: Path) -> ServingModel:
-        """Load ``path`` and prepare the vocabularies the served model already uses (slow)."""
-        new = self.load(ModelSource("promoted", path))
-        old = self._serving
+    def load_for_swap(self, path: Path, project: str) -> ServingModel:
+        """Load ``path`` for a project and prepare the vocabularies its served model already uses (slow)."""
+        new = self.load_project_artifact(path)
+        old = self.loaded(project)
         for labels, synonyms in old.known_label_sets() if old is not None else []:
             try:
                 new.predictor_for(labels, synonyms)
@@ -397,13 +587,25 @@ class ModelRuntime:
         return new
 
     def close(self) -> None:
-        """Stop the vocabulary thread (builds in progress are abandoned)."""
+        """Stop the vocabulary and loading threads (work in progress is abandoned)."""
         self.vocabulary_executor.shutdown(wait=False, cancel_futures=True)
+        self._preload_executor.shutdown(wait=False, cancel_futures=True)
 
     def install(self, new: ServingModel) -> None:
-        """Switch the served model; requests in flight finish on the old one."""
+        """Switch the base model; requests in flight finish on the old one."""
         with self._swap_lock:
             old, self._serving = self._serving, new
         if old is not None and old is not new:
             old.predictor.cache.clear()  # in-flight requests keep their own feature references
         log.info("now serving model version %s (was %s)", new.version, old.version if old else None)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _missing(path: Path) -> ServingModel:
+    raise ModelLoadError(f"{path.name} does not exist")

@@ -47,6 +47,7 @@ from labelstudio_io.label_config import cache_stats as label_config_cache_stats
 from labelstudio_io.label_config import set_cache_limit as set_label_config_cache_limit
 
 from .config import Settings
+from .job_store import JobStore
 from .jobs import JobManager
 from .metrics_log import Metrics, configure_logging
 from .model import OVSAMBackend, PredictPlan, RequestError, project_id_of
@@ -211,7 +212,8 @@ async def _read_json(request: Request) -> dict[str, Any]:
 
 
 def _predict_input(data: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any, dict[str, Any] | None]:
-    """Shape-check a /predict body: tasks, label config, and the interactive context if any."""
+    """Shape-check a /predict body: tasks, label config, and the interactive context if any (the project is
+    ``data["project"]``)."""
     tasks = data.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise RequestError(400, "'tasks' must be a non-empty list of task objects")
@@ -231,6 +233,14 @@ def _predict_input(data: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any, 
 _SETUP_BUDGET_S = 2.0
 # How often a running batch checks that its client is still connected.
 _DISCONNECT_POLL_S = 0.25
+
+
+def _call_for_project(function: Any, project: str | None) -> Any:
+    """``function(project)``; a project id that cannot name a folder is the request's error."""
+    try:
+        return function(project)
+    except ValueError as exc:
+        raise RequestError(400, str(exc)) from exc
 
 
 def _consume_outcome(task: "asyncio.Future[Any]") -> None:
@@ -302,7 +312,8 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
         images = ImageLoader(image_config or ImageLoaderConfig.from_env())
         for warning in images.config.warnings():
             log.warning("%s", warning)
-        app.state.backend = OVSAMBackend(settings, runtime, images, JobManager(), metrics)
+        jobs = JobManager(JobStore(settings.model_dir))  # training job records survive a restart
+        app.state.backend = OVSAMBackend(settings, runtime, images, jobs, metrics)
         log.info("ready: serving model %s", app.state.backend.model_version)
         try:
             yield
@@ -348,11 +359,18 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
     async def health(request: Request) -> dict[str, Any]:
         be = backend(request)
         serving = be.runtime.current
+        problems = dict(be.runtime.problems)
+        # Label Studio only needs a 2xx JSON answer; "status" stays "UP" (the backend serves), and a project whose
+        # model had to be repaired shows as model_status "degraded" with the reasons.
         return public({
             "status": "UP",
+            "model_status": "degraded" if problems else "ok",
+            "problems": [{"project": p, "reason": r} for p, r in problems.items()],
             "model_class": "OVSAMBackend",
             "model_version": serving.version,
             "model": serving.describe(),
+            "projects": await run_in_threadpool(be.runtime.served_versions),
+            "loaded_projects": be.runtime.loaded_projects(),
             "jobs": be.jobs.summary(),
             "errors": metrics.errors_summary(),  # failures no answer shows; the list is in /metrics
         })
@@ -368,16 +386,18 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
         except asyncio.TimeoutError:
             task.add_done_callback(_consume_outcome)
             log.warning("/setup: the label config is still being read after %.1f s; answering now", _SETUP_BUDGET_S)
-            return {"model_version": be.model_version, "status": "ok"}
+            pid = project_id_of(data.get("project"))
+            return {"model_version": be.runtime.project_version(pid, load_unreadable=False), "status": "ok"}
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
         budget = settings.predict_batch_budget_s
         deadline = time.monotonic() + budget if budget > 0 else None  # counted from the request's arrival
-        tasks, label_config, context = _predict_input(await _read_json(request))
+        body = await _read_json(request)
+        tasks, label_config, context = _predict_input(body)
         be = backend(request)
         loop = asyncio.get_running_loop()
-        plan = await run_in_threadpool(be.plan, tasks, label_config, context)
+        plan = await run_in_threadpool(be.plan, tasks, label_config, context, body.get("project"))
         await _await_vocabulary(be, plan, settings.vocabulary_wait_s)
         if plan.interactive:
             if plan.needs_image:
@@ -413,18 +433,25 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
         return await run_in_threadpool(backend(request).start_training, project_id, data.get("label_config"), tasks)
 
     @app.get("/versions")
-    async def versions(request: Request) -> dict[str, Any]:
-        runtime = backend(request).runtime
-        infos = await run_in_threadpool(runtime.versions)
+    async def versions(request: Request, project: str | None = None) -> dict[str, Any]:
+        """``?project=<id>``: the base and that project's versions, ``current`` the one it serves. Label Studio
+        sends no project (its GET has no body), so without it: the base and every project's versions."""
+        be = backend(request)
+        runtime = be.runtime
+        pid = project_id_of(project)
+        infos = await run_in_threadpool(_call_for_project, runtime.versions, pid)
+        current = await run_in_threadpool(be.project_version, pid)
         return public({
             "versions": [v.version for v in infos],
-            "current": runtime.current.version,
+            "current": current,
+            "project": pid,
+            "projects": await run_in_threadpool(runtime.served_versions),
             "details": [v.to_json() for v in infos],
         })
 
     @app.get("/jobs")
-    async def jobs(request: Request) -> dict[str, Any]:
-        return public({"jobs": [j.to_json() for j in backend(request).jobs.list()]})
+    async def jobs(request: Request, project: str | None = None) -> dict[str, Any]:
+        return public({"jobs": [j.to_json() for j in backend(request).jobs.list(project_id_of(project))]})
 
     @app.get("/jobs/{job_id}")
     async def job(request: Request, job_id: str) -> dict[str, Any]:
@@ -435,14 +462,13 @@ def create_app(settings: Settings | None = None, *, image_config: ImageLoaderCon
 
     @app.post("/jobs/{job_id}/cancel")
     async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
-        """Stop a prediction job after its current task (training runs cannot be interrupted)."""
+        """Stop a prediction job after its current task, or a training job (its process is terminated)."""
         jobs = backend(request).jobs
         found = jobs.get(job_id)
         if found is None:
             raise RequestError(404, f"no job {job_id!r}")
         if not found.cancellable:
-            why = "it has ended" if not found.active else "a training run cannot be interrupted"
-            raise RequestError(409, f"job {job_id!r} cannot be cancelled: {why}")
+            raise RequestError(409, f"job {job_id!r} cannot be cancelled: it has ended ({found.status})")
         jobs.cancel(job_id)
         return public(found.to_json())
 

@@ -2,8 +2,11 @@
 version, provenance and metrics. The backend, training and evaluation all load models through here."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -18,6 +21,39 @@ from .text import TextEncoder, load_pretrained_text_encoder
 from .vocabulary import Vocabulary
 
 ARTIFACT_FORMAT = "ovsam-artifact/1"
+CHECKSUM_ALGORITHM = "sha256"
+# Weights of the image encoder (CLIP trunk + SAM2CLIP neck): their own checksum says whether two artifacts can share
+# one loaded encoder and its image-embedding cache.
+IMAGE_ENCODER_PREFIXES = ("model.trunk.", "model.neck.")
+
+log = logging.getLogger(__name__)
+
+
+class ArtifactIntegrityError(ValueError):
+    """The weights in an artifact are not the ones it was saved with (torn or altered file)."""
+
+
+def _tensor_group(key: str) -> str:
+    return "image_encoder" if key.startswith(IMAGE_ENCODER_PREFIXES) else "rest"
+
+
+def weights_checksums(tensors: Mapping[str, torch.Tensor]) -> Dict[str, str]:
+    """sha256 per group ("image_encoder", "rest") over each tensor's name, dtype, shape and bytes, keys sorted.
+
+    The bytes are those stored in the file, so a check after loading needs the tensors exactly as read.
+    """
+    digests = {"image_encoder": hashlib.sha256(), "rest": hashlib.sha256()}
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h = digests[_tensor_group(key)]
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {group: h.hexdigest() for group, h in digests.items()}
+
+
+def content_hash(checksums: Mapping[str, str]) -> str:
+    """One digest of the per-group checksums (names carry its first characters)."""
+    return hashlib.sha256("".join(f"{k}={checksums[k]};" for k in sorted(checksums)).encode()).hexdigest()
 
 
 @dataclass
@@ -29,6 +65,7 @@ class ModelArtifact:
     metrics: Dict[str, Any] = field(default_factory=dict)
     text_encoder: Optional[TextEncoder] = None
     path: Optional[Path] = None
+    checksum: Optional[Dict[str, str]] = None  # as saved (None: an older artifact, or weights not from an artifact)
 
     @property
     def config(self) -> OVSAMConfig:
@@ -51,13 +88,17 @@ def save_artifact(
     path: str | os.PathLike,
     model: OVSAM,
     vocabulary: Vocabulary,
-    version: str,
+    version: str | Callable[[str], str],
     provenance: Optional[Dict[str, Any]] = None,
     metrics: Optional[Dict[str, Any]] = None,
     text_encoder: Optional[TextEncoder] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> Path:
-    """Write atomically (temp file + rename), so a reader never sees half an artifact."""
+    """Write atomically (temp file + rename), so a reader never sees half an artifact.
+
+    The weights' checksums go into the metadata and are checked by :func:`load_artifact`. ``version`` may be a
+    function of the weights' content hash, so a version name can carry it (unique per content).
+    """
     path = Path(path)
     tensors: Dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
@@ -77,6 +118,9 @@ def save_artifact(
         if dtype is not None and v.is_floating_point() and not k.startswith("vocab."):
             v = v.to(dtype)
         out[k] = v.contiguous().clone()
+    checksums = weights_checksums(out)
+    if callable(version):
+        version = version(content_hash(checksums))
     meta = {
         "format": ARTIFACT_FORMAT,
         "config": json.dumps(model.cfg.to_dict()),
@@ -85,6 +129,7 @@ def save_artifact(
         "provenance": json.dumps(provenance or {}, default=str),
         "metrics": json.dumps(metrics or {}, default=str),
         "text_model": json.dumps({"name": text_encoder.model_name, "text_cfg": text_encoder.text_cfg} if text_encoder else None),
+        "checksum": json.dumps({"algorithm": CHECKSUM_ALGORITHM, **checksums}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -109,25 +154,58 @@ def read_artifact_metadata(path: str | os.PathLike) -> Dict[str, Any]:
         "provenance": json.loads(meta.get("provenance", "{}")),
         "metrics": json.loads(meta.get("metrics", "{}")),
         "text_model": json.loads(meta.get("text_model", "null")),
+        "checksum": json.loads(meta["checksum"]) if meta.get("checksum") else None,
     }
 
 
-def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelArtifact:
-    """One call: model (strict keys), vocabulary, text tower if shipped, and the metadata."""
+def verify_checksums(path: str | os.PathLike, expected: Optional[Mapping[str, str]],
+                     tensors: Mapping[str, torch.Tensor], groups: tuple[str, ...] = ("image_encoder", "rest")) -> None:
+    """Compare the weights as read with the checksums saved with them (only ``groups``, e.g. the part that is used).
+
+    Artifacts without checksums (saved before they existed) load with a log line.
+    """
+    if not expected:
+        log.info("%s carries no weights checksum (saved by an older version): loading it unchecked", path)
+        return
+    if expected.get("algorithm", CHECKSUM_ALGORITHM) != CHECKSUM_ALGORITHM:
+        raise ArtifactIntegrityError(f"{path}: unknown checksum algorithm {expected.get('algorithm')!r}")
+    got = weights_checksums(tensors)
+    bad = [g for g in groups if g in expected and got[g] != expected[g]]
+    if bad:
+        raise ArtifactIntegrityError(
+            f"{path}: the weights do not match their checksum ({', '.join(bad)}): the file is damaged or was altered")
+
+
+def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu",
+                  shared_image_encoder: Optional[OVSAM] = None) -> ModelArtifact:
+    """One call: model (strict keys), vocabulary, text tower if shipped, and the metadata.
+
+    The weights are checked against the checksums saved with them (:class:`ArtifactIntegrityError`). With
+    ``shared_image_encoder`` (a loaded model whose trunk and neck have this artifact's image-encoder checksum), the
+    new model uses that model's trunk and neck modules instead of a copy of its own: per-project models of one base
+    then hold one encoder between them.
+    """
     meta = read_artifact_metadata(path)
     cfg = OVSAMConfig.from_dict(meta["config"])
-    model_state: Dict[str, torch.Tensor] = {}
-    text_state: Dict[str, torch.Tensor] = {}
+    share = shared_image_encoder is not None
+    raw: Dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
-            if key.startswith("model."):
-                model_state[key[6:]] = f.get_tensor(key).float()
-            elif key.startswith("text."):
-                text_state[key[5:]] = f.get_tensor(key).float()
-        embeddings = f.get_tensor("vocab.embeddings").float()
-        is_base = f.get_tensor("vocab.is_base").bool()
-        excluded = f.get_tensor("vocab.excluded").bool() if "vocab.excluded" in f.keys() else None
+            if share and key.startswith(IMAGE_ENCODER_PREFIXES):
+                continue
+            raw[key] = f.get_tensor(key)
+    verify_checksums(path, meta["checksum"], raw, ("rest",) if share else ("image_encoder", "rest"))
+    model_state = {k[6:]: v.float() for k, v in raw.items() if k.startswith("model.")}
+    text_state = {k[5:]: v.float() for k, v in raw.items() if k.startswith("text.")}
+    embeddings = raw["vocab.embeddings"].float()
+    is_base = raw["vocab.is_base"].bool()
+    excluded = raw["vocab.excluded"].bool() if "vocab.excluded" in raw else None
+    del raw
     model = OVSAM(cfg)
+    if share:
+        model.trunk, model.neck = shared_image_encoder.trunk, shared_image_encoder.neck
+        model_state.update({f"trunk.{k}": v for k, v in model.trunk.state_dict().items()})
+        model_state.update({f"neck.{k}": v for k, v in model.neck.state_dict().items()})
     model.load_state_dict(model_state, strict=True)
     model.to(device).eval()
     text_encoder = None
@@ -138,4 +216,5 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
         text_encoder.eval()
     vocab = meta["vocabulary"]
     vocabulary = Vocabulary(vocab["labels"], vocab["synonyms"], embeddings, is_base, excluded)
-    return ModelArtifact(model, vocabulary, meta["version"], meta["provenance"], meta["metrics"], text_encoder, Path(path))
+    return ModelArtifact(model, vocabulary, meta["version"], meta["provenance"], meta["metrics"], text_encoder, Path(path),
+                         meta["checksum"])

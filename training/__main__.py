@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dump-sam-features": ("training.dump_features_cli", "main_dump_sam_features", "SAM image embeddings for distillation"),
     "distill": ("training.distill_cli", "main_distill", "SAM2CLIP: distil SAM's image encoder into the neck"),
     "demo-model": ("training.demo_model", "main_demo_model", "reproduce the offline demo model (synthetic data, from scratch)"),
+    "job": ("training.job_cli", "main_job", "one backend training job from its folder (the backend runs it)"),
 }
 
 

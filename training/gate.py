@@ -2,20 +2,21 @@
 
 The single figure compared is the **combined score** = mean over the evaluated prompt modes (GT box
 and centre point) of (mIoU + accuracy) / 2, both as fractions in [0, 1], micro-averaged over the
-validation instances (spec §4). Candidate and serving model are evaluated on the same images with the
+validation instances (how the paper reports mIoU and recognition accuracy). Candidate and serving model are evaluated on the same images with the
 same project vocabulary. The candidate is promoted when
 
     candidate_score >= serving_score - tolerance        (default tolerance 0.01)
 
 so an equal model is accepted (fresh annotations are worth serving) and a clearly worse one refused.
 With no serving model to compare against, the candidate is promoted.
+
+The decision is all this module gives: registering and serving a candidate is the backend's (it reads the
+decision from the training job's outcome file), so training never imports the backend.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 DEFAULT_TOLERANCE = 0.01
 PROMPT_MODES = ("box", "center")
@@ -56,40 +57,3 @@ def decide(candidate: Dict[str, Any], serving: Optional[Dict[str, Any]],
     if cand >= serv - tolerance:
         return GateDecision(True, cand, serv, tolerance, f"score {cand:.4f} >= serving {serv:.4f} - {tolerance}")
     return GateDecision(False, cand, serv, tolerance, f"score {cand:.4f} < serving {serv:.4f} - {tolerance}")
-
-
-# ------------------------------------------------------------------------------------- registration
-
-Registrar = Callable[[Path, Path], Path]
-
-
-def registry_add(model_dir: Path, artifact: Path) -> Path:
-    """Store `artifact` as MODEL_DIR/versions/<version>.safetensors through the backend's registry, without
-    touching `current`: the backend loads the new model first, then promotes it and swaps it in."""
-    from labelstudio_backend.registry import ModelRegistry
-
-    return ModelRegistry(model_dir).add(artifact)
-
-
-def registry_promote(model_dir: Path, artifact: Path) -> Path:
-    """Register and serve `artifact` through the backend's registry (versions/<version>.safetensors +
-    the atomically written `current` pointer); returns its path inside MODEL_DIR."""
-    from labelstudio_backend.registry import ModelRegistry
-
-    return ModelRegistry(model_dir).promote(artifact)
-
-
-def serving_artifact(model_dir: Path) -> Optional[Path]:
-    """The version MODEL_DIR currently serves, if any."""
-    from labelstudio_backend.registry import ModelRegistry
-
-    return ModelRegistry(model_dir).current()
-
-
-def register(model_dir: str | os.PathLike, artifact: str | os.PathLike, decision: GateDecision,
-             registrar: Registrar = registry_promote) -> Optional[Path]:
-    """Register when the gate says so (`registry_promote`: stored and served; `registry_add`: stored only);
-    the registrar is swappable (tests, other registries)."""
-    if not decision.promote:
-        return None
-    return registrar(Path(model_dir), Path(artifact))

@@ -1,21 +1,20 @@
-"""The backend's training job: Label Studio export -> fine-tune -> evaluate both models -> gate -> registry.
+"""The backend's training job: Label Studio export -> fine-tune -> evaluate both models -> gate -> candidate.
 
-`run_training_job` is what the backend's job runner calls (never inside a request). It trains from the
-given base model, evaluates the candidate and the model MODEL_DIR currently serves on the same
-held-out tasks with the project's vocabulary, and promotes the candidate only if the gate
-(`training.gate`) allows it. Everything the run writes goes to
-MODEL_DIR/jobs/project-<id>/<version>/ (checkpoints, logs, the candidate artifact); a candidate that
-passes the gate is copied into MODEL_DIR/versions/ through the backend's `ModelRegistry`. Pointing
-MODEL_DIR/current at it is the backend's move (it loads the model first, then promotes and swaps it
-in); pass `registrar=training.gate.registry_promote` to do both here.
+`run_training_job` is what `python -m training job` (the backend's training subprocess) runs. It trains from
+the given base model (the project's served model), evaluates the candidate and that model on the same held-out
+tasks with the project's vocabulary, and asks the gate (`training.gate`) whether the candidate may replace it.
+Everything the run writes goes to `work_dir` (the job's folder), including the candidate artifact. It never
+touches a model registry: registering, loading (checksum verified) and serving the candidate is the backend's
+move, after reading the outcome.
 """
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from training.gate import DEFAULT_TOLERANCE, Registrar, decide, register, registry_add, serving_artifact
+from training.gate import DEFAULT_TOLERANCE, decide
 
 ProgressFn = Callable[[Dict[str, Any]], None]
 
@@ -26,53 +25,53 @@ JOB_DEFAULTS: Dict[str, Any] = {
     "val_fraction": 0.2,
     "progress": False,
 }
+CANDIDATE_NAME = "candidate.safetensors"
+# A version this job family wrote: `<root>-p<project>-<UTC stamp>-<8 hex>` (or the older `<root>-ft-<stamp>`).
+_DERIVED = re.compile(r"(-p[A-Za-z0-9_.]+-\d{8}T\d{6}-[0-9a-f]{8}(-\d+)?|-ft-\d{8}T\d{6}Z(-\d+)?)$")
 
 
 def _safe(text: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "project"
 
 
-def _job_dir(model_dir: Path, project_id: int | str, version: str) -> Path:
-    return model_dir / "jobs" / f"project-{_safe(project_id)}" / _safe(version)
+def root_version(version: str) -> str:
+    """The base model's name inside a derived version (so names do not grow with every round)."""
+    return _DERIVED.sub("", version)
 
 
-def _unique_version(version: str, model_dir: Path, project_id: int | str) -> str:
-    """Two jobs started within the same second must not share a version (or overwrite each other)."""
-    candidate, n = version, 1
-    while (model_dir / "versions" / f"{_safe(candidate)}.safetensors").exists() or \
-            _job_dir(model_dir, project_id, candidate).exists():
-        n += 1
-        candidate = f"{version}-{n}"
-    return candidate
+def version_namer(prefix: str, when: Optional[datetime] = None) -> Callable[[str], str]:
+    """`<prefix>-<YYYYmmddTHHMMSS>-<first 8 hex of the weights' content hash>`: unique per content and second."""
+    stamp = (when or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S")
+    return lambda digest: f"{prefix}-{stamp}-{digest[:8]}"
 
 
 def run_training_job(
     export_tasks: List[dict],
     label_config: str,
     base_artifact_path: str,
-    model_dir: str,
+    work_dir: str,
     project_id: int | str,
     on_progress: Optional[ProgressFn] = None,
     *,
     options: Optional[Dict[str, Any]] = None,
     image_loader: Any = None,
     tolerance: float = DEFAULT_TOLERANCE,
-    registrar: Registrar = registry_add,
+    version_prefix: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Fine-tune on a project's annotations and promote the result if it is not worse than what is served.
+    """Fine-tune on a project's annotations; the gate says whether the candidate may replace the served model.
 
     export_tasks: Label Studio's JSON export (task list); label_config: the project's XML (vocabulary
-    and image key); base_artifact_path: the model to fine-tune from (artifact or official weights);
-    model_dir: the registry root (MODEL_DIR). `image_loader` (anything with `.load(url) -> RGB array`,
-    e.g. the backend's ImageLoader, which knows Label Studio's address and token) reads task images;
-    by default one is configured from the environment.
+    and image key); base_artifact_path: the project's served model, trained from and compared with (artifact
+    or official weights); work_dir: the job's folder (the candidate is written there). `image_loader` (anything
+    with `.load(url) -> RGB array`) reads task images; by default one is configured from the environment.
+    The version is `<version_prefix>-<UTC stamp>-<content hash>` (prefix default: the base's root name and
+    `-p<project>`).
 
-    Returns {"artifact" (= "artifact_path"), "promoted", "version", "metrics", "serving_metrics", "gate",
-    ...}; the artifact is the registered path in MODEL_DIR/versions when promoted, else the candidate in
-    the job folder. Progress events are
-    dicts with "stage" ('load', 'train', 'evaluate', 'gate', 'done') and "progress" in [0, 1].
+    Returns {"candidate" (= "artifact" = "artifact_path"), "promoted" (the gate's decision), "version",
+    "metrics", "serving_metrics", "gate", ...}. Progress events are dicts with "stage" ('load', 'train',
+    'evaluate', 'gate', 'done') and "progress" in [0, 1].
     """
-    from ovsam.artifact import save_artifact
+    from ovsam.artifact import read_artifact_metadata, save_artifact
     from training.dataset import keep_loadable, load_training_data, make_image_source
     from training.evaluate import evaluate_model
     from training.classifier import classifier_vocabulary, reference_classifier
@@ -89,10 +88,10 @@ def run_training_job(
     if not data.samples:
         raise ValueError(f"no usable annotations in the export ({data.report.summary()})")
     base = load_model_any(base_artifact_path, device="cpu")
-    version = _unique_version(make_version(base.version), Path(model_dir), project_id)
-    work = _job_dir(Path(model_dir), project_id, version)
+    namer = version_namer(version_prefix or f"{root_version(base.version)}-p{_safe(project_id)}")
+    work = Path(work_dir)
     settings = {**JOB_DEFAULTS, **(options or {})}
-    cfg = FinetuneConfig(base=str(base_artifact_path), out=str(work), version=version,
+    cfg = FinetuneConfig(base=str(base_artifact_path), out=str(work), version=namer("0" * 64),
                          command=f"run_training_job(project={project_id})", **settings)
 
     def on_train(event: Dict[str, Any]) -> None:
@@ -105,7 +104,7 @@ def run_training_job(
     result = finetune(cfg, data=data, base=base, images=images, on_progress=on_train, save=False)
     candidate_metrics = result.metrics.get("val", {})
 
-    serving_path = serving_artifact(Path(model_dir)) or Path(base_artifact_path)
+    serving_path = Path(base_artifact_path)
     notify({"stage": "evaluate", "progress": 0.95, "model": "serving", "path": str(serving_path)})
     serving = load_model_any(serving_path, device="cpu")  # fresh copy: the base was trained in place
     # The candidate's classifier (the project's labels, or a larger one the job options name), from the serving
@@ -120,12 +119,12 @@ def run_training_job(
     provenance = {**result.provenance, "project_id": project_id, "gate": decision.to_dict(),
                   "serving_model": str(serving_path), "serving_score": decision.serving_score}
     metrics = {**result.metrics, "serving": serving_metrics, "gate": decision.to_dict()}
-    candidate = save_artifact(work / f"{_safe(version)}.safetensors", result.model, result.vocabulary, version,
+    candidate = save_artifact(work / CANDIDATE_NAME, result.model, result.vocabulary, namer,
                               provenance, metrics, text_encoder=base.text_encoder)
-    registered = register(model_dir, candidate, decision, registrar)
+    version = read_artifact_metadata(candidate)["version"]
     out = {
-        "artifact": str(registered or candidate),
-        "artifact_path": str(registered or candidate),
+        "artifact": str(candidate),
+        "artifact_path": str(candidate),
         "candidate": str(candidate),
         "promoted": decision.promote,
         "version": version,

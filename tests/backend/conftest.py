@@ -64,6 +64,8 @@ class FakeLabelStudio:
         self.tasks: list[dict[str, Any]] = []  # the project's tasks for /api/tasks/ (predictions kept in them)
         self.label_config: str | None = None  # the project's label config for /api/projects/<id>/
         self.before_post: Callable[[dict[str, Any]], None] | None = None  # runs before a prediction is stored
+        self.export_status = 200  # what the export answers (500: a failing Label Studio)
+        self.holds: dict[str, threading.Event] = {}  # GETs of paths with these prefixes wait for the event
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,7 +75,12 @@ class FakeLabelStudio:
                 if auth != f"Token {API_KEY}":
                     return self._send(401, b'{"detail": "Authentication credentials were not provided."}', "application/json")
                 path = self.path.split("?", 1)[0]
+                for prefix, event in list(fake.holds.items()):
+                    if path.startswith(prefix):
+                        event.wait(120)
                 if path.startswith("/api/projects/") and path.endswith("/export"):
+                    if fake.export_status != 200:
+                        return self._send(fake.export_status, b'{"detail": "export failed"}', "application/json")
                     return self._send(200, json.dumps(fake.export_tasks).encode(), "application/json")
                 if path.startswith("/api/projects/") and fake.label_config is not None:
                     return self._send(200, json.dumps({"id": 1, "label_config": fake.label_config}).encode(),
@@ -138,6 +145,9 @@ class FakeLabelStudio:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.export_status = 500  # a job still waiting on a hold ends quickly instead of training
+        for event in self.holds.values():
+            event.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -163,6 +173,47 @@ def save_tiny_artifact(path: Path, version: str, seed: int = 0, labels: tuple[st
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, vocab_cache_dir: Path) -> Path:
     return save_tiny_artifact(tmp_path_factory.mktemp("artifacts") / "tiny-1.safetensors", "tiny-1")
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A small synthetic labelled data set (Label Studio export with relative image paths, its label config)."""
+    from training.synth import SynthConfig, write_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(SynthConfig(out=root, num_images=3, width=128, height=128, seed=0), progress=False)
+    return {"root": root, "tasks": json.loads((root / "tasks.json").read_text()),
+            "config": (root / "label_config.xml").read_text()}
+
+
+# Training jobs of the tests: one step, one evaluation mode, and a gate that promotes (tolerance 1).
+FAST_TRAINING = {"epochs": 1, "max_steps": 1, "eval_prompts": ["box"], "tensorboard": False, "val_fraction": 0.34,
+                 "gate_tolerance": 1.0}
+
+
+@pytest.fixture
+def training_env(backend_env: dict[str, str], synth_data: dict[str, Any], fake_ls: "FakeLabelStudio",
+                 tmp_path: Path) -> dict[str, str]:
+    """A backend whose START_TRAINING jobs really train (in their child process) on the synthetic export."""
+    fake_ls.export_tasks = copy.deepcopy(synth_data["tasks"])
+    options = {**FAST_TRAINING, "cache_dir": str(tmp_path / "vocab-cache")}
+    return {**backend_env, "LOCAL_FILES_DOCUMENT_ROOT": str(synth_data["root"]), "TRAINING_OPTIONS": json.dumps(options)}
+
+
+def train_body(project: int, label_config: str) -> dict[str, Any]:
+    """Label Studio's START_TRAINING webhook for a project (its body carries the project object only)."""
+    body = fixture_body("train")
+    body["project"] = {**body["project"], "id": project, "label_config": label_config}
+    return body
+
+
+def for_project(body: dict[str, Any], project: int) -> dict[str, Any]:
+    """A recorded /setup or /predict body, as Label Studio sends it for another project."""
+    body = copy.deepcopy(body)
+    body["project"] = f"{project}.1795380221"
+    for task in body.get("tasks") or []:
+        task["project"] = project
+    return body
 
 
 @pytest.fixture
@@ -267,6 +318,8 @@ def helpers() -> Any:
         build_app=build_app,
         live_server=live_server,
         wait_for=wait_for,
+        train_body=train_body,
+        for_project=for_project,
         API_KEY=API_KEY,
         DISK_URL=DISK_URL,
         RECT_URL=RECT_URL,

@@ -127,7 +127,7 @@ def test_hot_swap_lets_requests_in_flight_finish_on_the_old_model(
             in_flight = pool.submit(http.post, "/predict", json=body)
             assert entered.wait(20)
             runtime = app.state.backend.runtime
-            runtime.install(runtime.load_for_swap(new_artifact))  # what a promoted training job does
+            runtime.install_for_project("1", runtime.load_for_swap(new_artifact, "1"))  # what a promoted job does
             assert http.post("/setup", json=helpers.fixture_body("setup")).json()["model_version"] == "tiny-2"
             release.set()
             old = in_flight.result().json()
@@ -135,3 +135,5 @@ def test_hot_swap_lets_requests_in_flight_finish_on_the_old_model(
         assert len(old["results"][0]["result"]) == 1
         new = http.post("/predict", json=body).json()
         assert new["model_version"] == "tiny-2"
+        other = http.post("/setup", json={**helpers.fixture_body("setup"), "project": "2.1795380221"}).json()
+        assert other["model_version"] == "tiny-1"  # the swap was project 1's

@@ -140,8 +140,10 @@ def project(ls_api: h.LabelStudioAPI, backend: h.BackendServer, synth_images: li
     return {"id": pid, "ml": ml, "tasks": by_task, "labels": labels, "config": config}
 
 
-def backend_version(backend: h.BackendServer) -> str:
-    return backend.get("/health").json()["model_version"]
+def backend_version(backend: h.BackendServer, project_id: int) -> str:
+    """The model_version a project sees: its own trained version, or the shared base's."""
+    health = backend.get("/health").json()
+    return health.get("projects", {}).get(str(project_id), health["model_version"])
 
 
 # ----------------------------------------------------------------------------- tests
@@ -172,7 +174,7 @@ def test_open_task_predicts(ls_api, project, backend, model_choice):
     seconds = time.monotonic() - t0
     stored = ls_api.predictions(task_id)
     assert len(stored) == 1, f"task open stored {len(stored)} predictions: {h.dump(stored)}\n{backend.process.log()}"
-    version = backend_version(backend)
+    version = backend_version(backend, project["id"])
     assert stored[0]["model_version"] == version
     masks = [decode_region(r, image, project["labels"], f"task {task_id} region {i}") for i, r in enumerate(stored[0]["result"])]
     if model_choice.trained:
@@ -187,7 +189,7 @@ def test_retrieve_predictions(ls_api, project, backend, model_choice):
     t0 = time.monotonic()
     answer = ls_api.retrieve_predictions(project["id"])
     seconds = time.monotonic() - t0
-    version = backend_version(backend)
+    version = backend_version(backend, project["id"])
     lines, total, labels_seen = [], 0, set()
     for task_id, image in sorted(project["tasks"].items()):
         stored = ls_api.predictions(task_id)
@@ -255,7 +257,7 @@ def test_retrieve_predictions_on_a_large_dataset(ls_api, backend, model_choice, 
     answer = ls_api.retrieve_predictions(pid)
     answer_s = time.monotonic() - t0
     assert "errors" not in answer and "Retrieved" in str(answer.get("detail", "")), answer
-    version = backend_version(backend)
+    version = backend_version(backend, pid)
     tasks = ls_api.tasks(pid)
     assert len(tasks) == BULK_TASKS
     deadline = time.monotonic() + BULK_WAIT_S
@@ -402,7 +404,7 @@ def test_annotations_do_not_train(ls_api, project, backend):
 def test_train(ls_api, project, backend):
     """Train button -> START_TRAINING webhook -> background job (export, fine-tune, evaluate, promote)."""
     ml_id = project["ml"]["id"]
-    version_before = backend_version(backend)
+    version_before = backend_version(backend, project["id"])
     jobs_before = {j["id"] for j in _jobs(backend)}
     t0 = time.monotonic()
     r = ls_api.post(f"/api/ml/{ml_id}/train", {}, expect=200)
@@ -427,16 +429,16 @@ def test_train(ls_api, project, backend):
     assert health["jobs"]["latest"][str(project["id"])]["status"] == job["status"]
     pipeline = h.REPO / "training" / "pipeline.py"
     ls_versions = ls_api.get(f"/api/ml/{ml_id}/versions")  # Label Studio relays the backend's GET /versions
-    assert backend_version(backend) in ls_versions["versions"], ls_versions
+    assert backend_version(backend, project["id"]) in ls_versions["versions"], ls_versions
     if not pipeline.is_file():
         assert job["status"] == "failed" and "training is unavailable" in job["message"], job
-        assert backend_version(backend) == version_before
+        assert backend_version(backend, project["id"]) == version_before
         note(f"train: POST /api/ml/{ml_id}/train answered 200 in {answer_s:.2f} s; job {job['id']} failed as expected "
              f"(no training/pipeline.py): {job['message']!r}; Label Studio states {states}; "
              f"/api/ml/{ml_id}/versions {ls_versions}")
         return
     assert job["status"] == "succeeded", f"training job failed: {job}\nbackend log:\n{backend.process.log(6000)}"
-    versions = backend.get("/versions").json()
+    versions = backend.get(f"/versions?project={project['id']}").json()  # Label Studio's GET names no project
     stored = [d["version"] for d in versions.get("details", [])]
     new_versions = [v for v in stored if v != version_before]
     assert new_versions, f"no new model version after training: {versions}"
@@ -445,12 +447,12 @@ def test_train(ls_api, project, backend):
             f"promoted {job['promoted']}; backend /versions {versions['versions']}; Label Studio "
             f"/api/ml/{ml_id}/versions {ls_versions['versions']}; states {states}")
     if not job["promoted"]:
-        assert backend_version(backend) == version_before
+        assert backend_version(backend, project["id"]) == version_before
         note(line)
         return
     new_version = job["model_version"]
     assert new_version and new_version != version_before
-    assert backend_version(backend) == new_version and versions["current"] == new_version
+    assert backend_version(backend, project["id"]) == new_version and versions["current"] == new_version
     # /setup now reports the new version: Label Studio records it, and Retrieve Predictions
     # predicts again (it skips only tasks that have a prediction of the /setup version).
     ml = ls_api.get(f"/api/ml/{ml_id}")

@@ -169,3 +169,59 @@ def test_excluded_labels_survive_the_round_trip(parts, tmp_path):
     art = load_artifact(save_artifact(tmp_path / "x.safetensors", model, excluded, "x", text_encoder=text))
     assert art.vocabulary.excluded.tolist() == [True] + [False] * (len(vocab) - 1)
     assert not load_artifact(save_artifact(tmp_path / "y.safetensors", model, vocab, "y")).vocabulary.excluded.any()
+
+
+def _flip_weight_bytes(path, count=1000):
+    """Invert ``count`` bytes in the middle of the file's tensor data (its JSON header is left intact)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    header = struct.unpack("<Q", bytes(data[:8]))[0]
+    start = 8 + header + (len(data) - 8 - header) // 2
+    for i in range(start, start + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_weight_bytes_are_refused_with_a_clear_error(parts, tmp_path):
+    from ovsam.artifact import ArtifactIntegrityError
+
+    model, text, vocab = parts
+    path = save_artifact(tmp_path / "m.safetensors", model, vocab, "v1", text_encoder=text)
+    assert set(read_artifact_metadata(path)["checksum"]) == {"algorithm", "image_encoder", "rest"}
+    load_artifact(path)  # intact: loads
+    _flip_weight_bytes(path)
+    with pytest.raises(ArtifactIntegrityError, match="do not match their checksum"):
+        load_artifact(path)
+
+
+def test_artifact_without_checksum_loads_with_a_log_line(parts, tmp_path, caplog):
+    from safetensors import safe_open
+
+    model, text, vocab = parts
+    path = save_artifact(tmp_path / "m.safetensors", model, vocab, "v1", text_encoder=text)
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "checksum"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=meta)
+    with caplog.at_level("INFO", logger="ovsam.artifact"):
+        art = load_artifact(old)
+    assert art.checksum is None and "no weights checksum" in caplog.text
+
+
+def test_version_can_carry_the_content_hash_and_encoders_can_be_shared(parts, tmp_path):
+    model, text, vocab = parts
+    a = save_artifact(tmp_path / "a.safetensors", model, vocab, lambda h: f"v-{h[:8]}", text_encoder=text)
+    with torch.no_grad():
+        model.head.label_token.weight.add_(1.0)  # another head, the same image encoder
+    b = save_artifact(tmp_path / "b.safetensors", model, vocab, lambda h: f"v-{h[:8]}", text_encoder=text)
+    meta_a, meta_b = read_artifact_metadata(a), read_artifact_metadata(b)
+    assert meta_a["version"] != meta_b["version"] and meta_a["version"].startswith("v-")
+    assert meta_a["checksum"]["image_encoder"] == meta_b["checksum"]["image_encoder"]
+    assert meta_a["checksum"]["rest"] != meta_b["checksum"]["rest"]
+    base = load_artifact(a)
+    shared = load_artifact(b, shared_image_encoder=base.model)
+    assert shared.model.trunk is base.model.trunk and shared.model.neck is base.model.neck
+    assert torch.equal(shared.model.head.label_token.weight, model.head.label_token.weight)
+    assert not torch.equal(shared.model.head.label_token.weight, base.model.head.label_token.weight)

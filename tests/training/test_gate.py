@@ -1,15 +1,9 @@
-"""Promotion gate: refuses a worse model, accepts an equal one, and registers through the backend registry."""
+"""Promotion gate: refuses a worse model, accepts an equal one."""
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_finetune_support import make_tiny_artifact  # noqa: E402
-
-from training.gate import combined_score, decide, register, registry_promote, serving_artifact  # noqa: E402
+from training.gate import combined_score, decide
 
 
 def metrics(box_miou, box_acc, center_miou=None, center_acc=None):
@@ -38,18 +32,3 @@ def test_gate_refuses_worse_accepts_equal_and_within_tolerance():
     assert not decide({"prompt_modes": ["box"], "box": {"miou": None, "accuracy": None}}, serving).promote
     d = decide(serving, serving).to_dict()
     assert {"promote", "candidate_score", "serving_score", "tolerance", "reason", "rule"} <= set(d)
-
-
-def test_register_uses_the_backend_registry_and_only_when_promoted(tmp_path):
-    art = make_tiny_artifact(tmp_path / "cand.safetensors", version="ovsam_tiny-ft-20250101T000000Z")
-    model_dir = tmp_path / "models"
-    refused = decide(metrics(0.1, 0.1), metrics(0.9, 0.9))
-    assert register(model_dir, art, refused) is None
-    assert serving_artifact(model_dir) is None
-    calls = []
-    assert register(model_dir, art, decide(metrics(0.9, 0.9), None), registrar=lambda d, a: calls.append((d, a)) or a) == art
-    assert calls == [(model_dir, art)]
-    path = register(model_dir, art, decide(metrics(0.9, 0.9), None), registrar=registry_promote)
-    assert path == model_dir / "versions" / "ovsam_tiny-ft-20250101T000000Z.safetensors" and path.exists()
-    assert (model_dir / "current").read_text().strip() == path.name
-    assert serving_artifact(model_dir) == path
