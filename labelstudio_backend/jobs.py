@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ovsam.artifact import root_version
+
 from labelstudio_io.client import ClientError
 from labelstudio_io.images import ImageLoader
 
@@ -266,7 +268,7 @@ class TrainingRunner:
         tolerance = options.pop("gate_tolerance", None)
         write_request(job_dir, tasks, label_config, {
             "project": project_id, "base": str(base), "options": options, "tolerance": tolerance,
-            "version_prefix": f"{_root_name(self.runtime.current.version)}-p{project_id}",
+            "version_prefix": f"{root_version(self.runtime.current.version)}-p{project_id}",
         })
         job.progress.update(tasks=len(tasks), base_version=serving.version)
         self._stage(job, "train")
@@ -345,7 +347,3 @@ class TrainingRunner:
         return self.images.client.export_tasks(project_id)
 
 
-
-def _root_name(version: str) -> str:
-    """The base's name without what earlier jobs appended (names stay short round after round)."""
-    return re.sub(r"(-p[A-Za-z0-9_-]+-\d{8}T\d{6}-[0-9a-f]{8}|-ft-\d{8}T\d{6}Z(-\d+)?)$", "", version)

@@ -105,18 +105,10 @@ class ModelSource:
 
 def build_untrained_tiny() -> ModelArtifact:
     """A tiny model with fixed random weights: answers with valid but meaningless masks."""
-    from ovsam.config import get_config
-    from ovsam.model import OVSAM
-    from ovsam.text import TextEncoder
+    from ovsam.random_model import build_random
 
-    cfg = get_config("tiny")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = OVSAM(cfg).eval()
-        text = TextEncoder.from_config(cfg).eval()
-    vocabulary = VocabularyBuilder(text).build(["object"])
-    provenance = {"note": "random weights, built at start-up because no model is configured"}
-    return ModelArtifact(model, vocabulary, UNTRAINED_VERSION, provenance, {}, text, None)
+    return build_random("tiny", ["object"], 0, UNTRAINED_VERSION,
+                        {"note": "random weights, built at start-up because no model is configured"})
 
 
 def load_model_artifact(source: ModelSource) -> ModelArtifact:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,16 @@ CHECKSUM_ALGORITHM = "sha256"
 # Weights of the image encoder (CLIP trunk + SAM2CLIP neck): their own checksum says whether two artifacts can share
 # one loaded encoder and its image-embedding cache.
 IMAGE_ENCODER_PREFIXES = ("model.trunk.", "model.neck.")
+
+
+# A version a training job derived from another: `<root>-p<project>-<UTC stamp>-<8 hex of the weights>` (or the
+# older `<root>-ft-<stamp>Z`). The project part holds no '-', so a root that contains "-p" is never cut.
+_DERIVED_VERSION = re.compile(r"(-p[A-Za-z0-9_.]+-\d{8}T\d{6}-[0-9a-f]{8}(-\d+)?|-ft-\d{8}T\d{6}Z(-\d+)?)$")
+
+
+def root_version(version: str) -> str:
+    """The base model's name inside a derived version, so names do not grow with every round of training."""
+    return _DERIVED_VERSION.sub("", version)
 
 log = logging.getLogger(__name__)
 

@@ -26,17 +26,10 @@ JOB_DEFAULTS: Dict[str, Any] = {
     "progress": False,
 }
 CANDIDATE_NAME = "candidate.safetensors"
-# A version this job family wrote: `<root>-p<project>-<UTC stamp>-<8 hex>` (or the older `<root>-ft-<stamp>`).
-_DERIVED = re.compile(r"(-p[A-Za-z0-9_.]+-\d{8}T\d{6}-[0-9a-f]{8}(-\d+)?|-ft-\d{8}T\d{6}Z(-\d+)?)$")
 
 
 def _safe(text: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "project"
-
-
-def root_version(version: str) -> str:
-    """The base model's name inside a derived version (so names do not grow with every round)."""
-    return _DERIVED.sub("", version)
 
 
 def version_namer(prefix: str, when: Optional[datetime] = None) -> Callable[[str], str]:
@@ -71,7 +64,7 @@ def run_training_job(
     "metrics", "serving_metrics", "gate", ...}. Progress events are dicts with "stage" ('load', 'train',
     'evaluate', 'gate', 'done') and "progress" in [0, 1].
     """
-    from ovsam.artifact import read_artifact_metadata, save_artifact
+    from ovsam.artifact import read_artifact_metadata, root_version, save_artifact
     from training.dataset import keep_loadable, load_training_data, make_image_source
     from training.evaluate import evaluate_model
     from training.classifier import classifier_vocabulary, reference_classifier

@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_finetune_support import make_synth, make_tiny_artifact  # noqa: E402
 
 from ovsam.artifact import content_hash, read_artifact_metadata  # noqa: E402
-from training.pipeline import root_version, run_training_job  # noqa: E402
+from ovsam.artifact import root_version  # noqa: E402
+from training.pipeline import run_training_job  # noqa: E402
 
 
 def test_training_job_writes_a_candidate_and_the_gate_decision(tmp_path, monkeypatch):
