@@ -23,6 +23,11 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
 ``DEVICE``                  ``cuda``, ``cuda:1``, ``cpu`` (default: ``cuda`` if available).
 ``PRECISION``               ``bf16`` (default: bfloat16 autocast on CUDA, faster) or ``fp32``
                             (the reference's numerics); the CPU always computes in fp32.
+``ENCODER_RUNTIME``         ``auto`` (default: ONNX Runtime on CPU once the model's image encoder
+                            is exported and verified equal to PyTorch, PyTorch on GPU),
+                            ``torch`` or ``onnx``. The export runs in the background at
+                            start-up (seconds for the demo model, about a minute for the
+                            official one; cached beside the model) while PyTorch serves.
 ``BASIC_AUTH_USER``/``_PASS``  HTTP basic auth on every endpoint (both or neither).
 ``LOG_LEVEL``               ``DEBUG``/``INFO``/``WARNING``/... (default ``INFO``).
 ``TRAINING_OPTIONS``        JSON object of fine-tuning overrides for START_TRAINING jobs,
@@ -130,6 +135,13 @@ def _precision(env: Mapping[str, str]) -> str:
     return value
 
 
+def _encoder_runtime(env: Mapping[str, str]) -> str:
+    value = (_get(env, "ENCODER_RUNTIME") or "auto").lower()
+    if value not in ("auto", "torch", "onnx"):
+        raise SettingsError(f"ENCODER_RUNTIME={value!r} is not auto, torch or onnx")
+    return value
+
+
 def _default_device() -> str:
     import torch  # deferred: settings are read before anything heavy is needed
 
@@ -166,6 +178,7 @@ class Settings:
     request_body_timeout_s: float = 30.0
     label_config_cache_mb: float = 16.0
     precision: str = "bf16"
+    encoder_runtime: str = "auto"
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -222,4 +235,5 @@ class Settings:
             request_body_timeout_s=_number(env, "REQUEST_BODY_TIMEOUT_S", 30.0, low=0.1, high=3600.0),
             label_config_cache_mb=_number(env, "LABEL_CONFIG_CACHE_MB", 16.0, low=0.0),
             precision=_precision(env),
+            encoder_runtime=_encoder_runtime(env),
         )

@@ -28,6 +28,7 @@ import torch
 
 from ovsam.artifact import ModelArtifact, save_artifact
 from ovsam.checkpoint import load_model
+from ovsam.encoder_runtime import configure_in_background
 from ovsam.predictor import OVSAMPredictor
 from ovsam.vocabulary import Vocabulary, VocabularyBuilder, normalise_synonyms
 
@@ -292,6 +293,7 @@ class ServingModel:
             "path": str(self.path) if self.path is not None else None,
             "config": self.artifact.config.name,
             "device": str(self.device),
+            "image_encoder": self.predictor.image_encoder.runtime,
             "labels": len(self.artifact.vocabulary),
             "loaded_at": self.loaded_at,
             "trained": self.kind != "untrained-tiny",
@@ -335,6 +337,9 @@ class ModelRuntime:
         except (RuntimeError, ValueError, AssertionError) as exc:  # e.g. DEVICE=cuda without CUDA
             raise ModelLoadError(f"cannot place the model on device {self.settings.device!r}: {exc}") from exc
         serving.predictor.use_autocast &= self.settings.precision == "bf16"  # PRECISION=fp32: no autocast
+        # ENCODER_RUNTIME: an ONNX encoder on CPU, loaded or exported in the background (never on a request's path).
+        serving.encoder_setup = configure_in_background(serving.predictor.image_encoder,
+                                                        self.settings.encoder_runtime, serving.path)
         log.info(
             "loaded model %s (%s, %s) on %s in %.2f s",
             serving.version, source.kind, serving.path or "built in memory", serving.device,

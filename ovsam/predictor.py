@@ -12,6 +12,7 @@ import torch
 from segment_anything.utils.amg import calculate_stability_score
 
 from .cache import SingleFlightLRUCache
+from .encoder_runtime import ImageEncoder
 from .fusion import foreground_probabilities
 from .model import OVSAM, ImageFeatures
 from .transforms import upscale_mask_logits, validate_image
@@ -120,6 +121,8 @@ class OVSAMPredictor:
         self.cache: SingleFlightLRUCache[ImageFeatures] = SingleFlightLRUCache(cache_bytes, lambda f: f.nbytes)
         self.use_autocast = use_autocast and self.device.type == "cuda"
         self.max_batch = max_batch
+        # Eager until an exported encoder is installed (`encoder_runtime.configure_encoder`); copies share it.
+        self.image_encoder = ImageEncoder(self.model)
         self.model_lock = threading.RLock()
         # The "current image" of the SAM-style API is per thread, so request threads never see each other's.
         self._local = threading.local()
@@ -144,7 +147,7 @@ class OVSAMPredictor:
 
         def compute() -> ImageFeatures:
             with self.inference():
-                feats = self.model.encode_image(image)
+                feats = self.image_encoder.encode_image(image)
             return feats.to(self.device, torch.float32)
 
         self._local.current = self.cache.get_or_compute(key, compute)
