@@ -7,18 +7,18 @@ A model whose export fails or differs gets a `.failed` note instead, so it is no
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ OPSET = 17
 # Bumped when the exported graph's inputs, outputs or meaning change, so old cached files are not reused.
 GRAPH_VERSION = "1"
 CACHE_ENV = "OVSAM_ENCODER_CACHE"
+_EXPORT_LOCK = threading.Lock()
 
 
 class EncoderGraph(nn.Module):
@@ -135,18 +136,20 @@ def export_bytes(model: OVSAM) -> bytes:
     x = reference_input(model)
     names = model.encode_output_names()
     buf = io.BytesIO()
-    with torch.no_grad(), _quiet_tracer():
+    _silence_tracer()
+    with torch.no_grad():
         torch.onnx.export(graph, (x,), buf, dynamo=False, opset_version=OPSET, input_names=["image"],
                           output_names=names, do_constant_folding=True)
     return buf.getvalue()
 
 
-@contextlib.contextmanager
-def _quiet_tracer() -> Iterator[None]:
-    """The tracer warns about every Python `if` on shapes (fixed here: the export is for one input side)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+def _silence_tracer() -> None:
+    """The tracer warns about every Python `if` on shapes (fixed here: an export is for one input side) and about
+    being the legacy exporter. Process-wide filters: `catch_warnings` is not thread-safe and exports run on a
+    background thread of the backend."""
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
+                            category=DeprecationWarning)
 
 
 def verify(model: OVSAM, onnx_model: bytes | str | Path, threads: Optional[int] = None) -> float:
@@ -193,6 +196,13 @@ def export_encoder(model: OVSAM, artifact: Optional[Path] = None, cache_dir: Opt
     """
     start = time.perf_counter()
     path = export_path(model, artifact, cache_dir)
+    # The legacy exporter is not reentrant (a process-wide "in export" flag): one export at a time, and a model
+    # exported by another thread meanwhile is then found in the cache.
+    with _EXPORT_LOCK:
+        return _export_locked(model, path, force, start)
+
+
+def _export_locked(model: OVSAM, path: Path, force: bool, start: float) -> ExportResult:
     if not force:
         if path.is_file():
             return ExportResult(path, cached=True)

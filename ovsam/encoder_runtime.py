@@ -53,6 +53,8 @@ def make_session(onnx_model: bytes | str | Path, threads: Optional[int] = None) 
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle pool threads must not spin: the PyTorch decoder runs right after, on the same cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
@@ -145,7 +147,7 @@ def configure_encoder(encoder: ImageEncoder, runtime: str, artifact: Optional[Pa
 
 def configure_in_background(encoder: ImageEncoder, runtime: str, artifact: Optional[Path] = None,
                             done: Optional[Callable[[str], None]] = None) -> Optional[threading.Thread]:
-    """`configure_encoder` on a daemon thread (a first export may take tens of seconds); PyTorch serves meanwhile.
+    """`configure_encoder` on its own thread (a first export may take tens of seconds); PyTorch serves meanwhile.
 
     Returns None (nothing to do) when PyTorch is the runtime asked for.
     """
@@ -164,6 +166,7 @@ def configure_in_background(encoder: ImageEncoder, runtime: str, artifact: Optio
         if done is not None:
             done(result)
 
-    thread = threading.Thread(target=work, name="encoder-export", daemon=True)
+    # Not a daemon: killing it inside torch or onnxruntime at interpreter exit aborts the process.
+    thread = threading.Thread(target=work, name="encoder-export", daemon=False)
     thread.start()
     return thread
