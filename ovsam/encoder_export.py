@@ -222,8 +222,11 @@ def _export_locked(model: OVSAM, path: Path, force: bool, start: float) -> Expor
         error = f"exported encoder differs from eager by {diff:.3g} (relative; limit {REL_TOLERANCE:g})"
         _remember_failure(path, error)
         return ExportResult(None, error, diff, time.perf_counter() - start)
-    _write_atomic(path, data)
-    failure_path(path).unlink(missing_ok=True)
+    try:
+        _write_atomic(path, data)
+        failure_path(path).unlink(missing_ok=True)
+    except OSError as exc:  # full disk, lost permission: not the model's fault, so nothing is remembered
+        return ExportResult(None, f"cannot write {path}: {exc}", diff, time.perf_counter() - start)
     return ExportResult(path, None, diff, time.perf_counter() - start)
 
 
