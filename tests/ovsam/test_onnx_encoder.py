@@ -157,3 +157,23 @@ def test_runtime_switch(tiny_official, tmp_path):
     assert parse_runtime(None) == "auto" and parse_runtime(" ONNX ") == "onnx"
     with pytest.raises(ValueError, match="ENCODER_RUNTIME"):
         parse_runtime("openvino")
+
+
+def test_export_onnx_command(tmp_path, capsys, monkeypatch):
+    from ovsam.artifact import save_artifact
+    from ovsam.cli import main
+    from ovsam.model import OVSAM
+    from ovsam.vocabulary import Vocabulary
+
+    torch.manual_seed(0)
+    model = OVSAM(get_config("tiny")).eval()
+    vocab = Vocabulary(["a"], [["a"]], torch.nn.functional.normalize(torch.randn(1, 1, 32), dim=-1))
+    artifact = save_artifact(tmp_path / "m.safetensors", model, vocab, "v1")
+    assert main(["export-onnx", str(artifact)]) == 0
+    assert "exported:" in capsys.readouterr().out
+    assert [p.name.split(".encoder-")[0] for p in tmp_path.glob("*.onnx")] == ["m.safetensors"]
+    assert main(["export-onnx", str(artifact)]) == 0
+    assert "already exported" in capsys.readouterr().out
+    monkeypatch.setattr(encoder_export, "export_bytes", lambda m: (_ for _ in ()).throw(RuntimeError("no op")))
+    assert main(["export-onnx", str(artifact), "--cache-dir", str(tmp_path / "c"), "--force"]) == 2
+    assert "was not exported: RuntimeError: no op" in capsys.readouterr().err
