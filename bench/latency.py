@@ -13,12 +13,17 @@ What is measured (medians of `time.perf_counter`, with `torch.cuda.synchronize` 
                 image, resized to the CLIP input size, run through the open_clip visual tower and scored by
                 cosine against the vocabulary (the image embedding is cached, as it is for ours).
   first click = set_image + one click;  further click = one click on an image that is already embedded.
+  exported    the same OVSAM image encoder exported to ONNX and run by ONNX Runtime (ovsam/encoder_export.py), measured
+                against eager in alternation on the same images (bench/encoder_runtimes.py): set_image, first click and
+                pre-annotation (automatic mode, as the backend runs it) images/s; its equality to eager on the bench
+                image; and each runtime's encoder GFLOP/s as a share of this machine's fp32 GEMM peak, measured here.
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` in a separate, untimed pass; it counts matrix
 multiplications, convolutions and attention (2 FLOPs per multiply-add) and ignores element-wise work,
 interpolation and RoIAlign. The paper's "GFLOPs" are multiply-adds (SAM-H's encoder: ~3.0 T), so GMACs =
 FLOPs / 2 is printed for comparison with its table (OVSAM 1,180G, SAM-H 3,001G).
 
 Run:   .venv/bin/python bench/latency.py [--device cuda] [--repeats 5] [--image-repeats 1] [--skip-vit-h] [--quick]
+       .venv/bin/python bench/latency.py --ovsam demo --skip-sam     (the shipped demo model, exported vs eager only)
 The last line printed is one JSON object with every figure.
 """
 from __future__ import annotations
@@ -42,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ovsam.artifact import load_artifact  # noqa: E402
 from ovsam.config import get_config  # noqa: E402
 from ovsam.head import cosine_logits  # noqa: E402
 from ovsam.model import OVSAM, ImageFeatures  # noqa: E402
@@ -49,6 +55,8 @@ from ovsam.boxes import mask_to_box  # noqa: E402
 from ovsam.predictor import OVSAMPredictor  # noqa: E402
 from ovsam.transforms import ImageFrame, upscale_mask_logits  # noqa: E402
 from ovsam.vocabulary import Vocabulary  # noqa: E402
+
+from encoder_runtimes import add_rates, bench_runtimes, gemm_peak  # noqa: E402  (bench/encoder_runtimes.py)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -59,7 +67,11 @@ TARGETS = {
     "first_click_ours_over_sam": ("<=", 1 / 3),
     "click_ours_over_sam_decoder": ("<=", 1.3),
     "click_sam_clip_over_ours": (">=", 10.0),
+    "set_image_exported_speedup": (">=", 1.5),
+    "encoder_exported_peak_fraction": (">=", 0.9),
+    "first_click_exported_over_sam": ("<=", 1 / 3),
 }
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
 PAPER_GMACS = {"ovsam": 1180.0, "sam_vit_h": 3001.0, "feature_crop_sam_clip": 3545.0, "image_crop_sam_clip": 3748.0}
 
 
@@ -146,10 +158,14 @@ def random_vocabulary(dim: int, rng_seed: int = 0) -> Vocabulary:
 
 # ---- ours -------------------------------------------------------------------------------------------
 def bench_ours(b: Bench, cfg_name: str, image: np.ndarray, points: List[np.ndarray], args: argparse.Namespace) -> Dict[str, Any]:
-    cfg = get_config(cfg_name)
-    torch.manual_seed(0)
-    model = OVSAM(cfg).eval()
-    vocab = random_vocabulary(cfg.clip_embed_dim)
+    if cfg_name == "demo":  # the shipped model: trained weights, its own vocabulary
+        artifact = load_artifact(DEMO_MODEL)
+        model, vocab, cfg = artifact.model, artifact.vocabulary, artifact.model.cfg
+    else:
+        cfg = get_config(cfg_name)
+        torch.manual_seed(0)
+        model = OVSAM(cfg).eval()
+        vocab = random_vocabulary(cfg.clip_embed_dim)
     pred = OVSAMPredictor(model, vocab, cache_bytes=4 << 30, device=b.device)
     h, w = image.shape[:2]
     one = np.ones(1, np.int64)
@@ -189,6 +205,7 @@ def bench_ours(b: Bench, cfg_name: str, image: np.ndarray, points: List[np.ndarr
         "config": cfg.name,
         "image_size": cfg.image_size,
         "params_m": n_params(model) / 1e6,
+        "vocabulary_size": len(vocab),
         "set_image_s": median(set_times),
         "first_predict_s": median(first_pred),
         "click_s": median(clicks),
@@ -225,7 +242,12 @@ def bench_ours(b: Bench, cfg_name: str, image: np.ndarray, points: List[np.ndarr
     fl["image"] = fl["trunk"] + fl["neck"] + fl["fpn"]
     fl["click"] = count_flops(lambda: pred.predict(points[1], one))
     res["flops"] = fl
-    del pred, model, feats
+    del pred, feats
+    b.free()
+    if not args.skip_exported and b.device.type == "cpu":
+        res["runtimes"] = bench_runtimes(model, vocab, image, points[0], args.image_repeats, args.preannotate_images,
+                                         args.points_per_side)
+    del model
     b.free()
     return res
 
@@ -421,9 +443,60 @@ def gf(x: float) -> str:
     return f"{x / 1e9:9.1f}"
 
 
+def report_runtimes(results: Dict[str, Any]) -> None:
+    """Eager vs exported, side by side."""
+    rt, peak = results["ours"].get("runtimes"), results.get("gemm_peak")
+    if not rt:
+        return
+    print(f"image encoder runtimes (alternating on the same images; export {rt['export_s']:.1f} s)")
+    if "onnx" not in rt:
+        print(f"  exported: none ({rt.get('export_error')})")
+        return
+    if peak:
+        print(f"  fp32 GEMM peak: {peak['gflops']:.1f} GFLOP/s ({peak['n']}^3 on {peak['threads']} threads; start "
+              f"{peak['start_gflops']:.1f}, end {peak['end_gflops']:.1f})")
+    print(f"  {'runtime':<10}{'set_image ms':>14}{'1st click ms':>14}{'pre-annot img/s':>17}{'enc GFLOP/s':>13}"
+          f"{'of peak':>9}")
+    for name in ("torch", "onnx"):
+        r = rt[name]
+        print(f"  {name:<10}{r['set_image_s'] * 1e3:14.1f}{r['first_click_s'] * 1e3:14.1f}"
+              f"{r['preannotate_images_per_s']:17.3f}{r.get('encoder_gflops', float('nan')):13.1f}"
+              f"{r.get('encoder_peak_fraction', float('nan')):9.2f}")
+    print(f"  exported vs eager: max relative difference {rt['bench_image_max_rel_diff']:.2g} on the bench image "
+          f"({rt['export_max_rel_diff']:.2g} at export); click masks identical: {rt['click_masks_identical']}; "
+          f"pre-annotation instances eager {rt['torch']['preannotate_instances']}, exported "
+          f"{rt['onnx']['preannotate_instances']}")
+    print()
+
+
+def print_ratios(results: Dict[str, Any], ref_name: str) -> None:
+    print(f"ratios (reference SAM: {ref_name}; targets from the brief)")
+    for key, val in results["ratios"].items():
+        tgt = TARGETS.get(key.replace("flops_", ""))
+        mark = ""
+        if tgt is not None and not key.startswith("flops_"):
+            op, bound = tgt
+            ok = val <= bound if op == "<=" else val >= bound
+            mark = f"  target {op} {bound:.3g}: {'met' if ok else 'MISSED'}"
+        elif tgt is not None:
+            mark = f"  (latency target {tgt[0]} {tgt[1]:.3g})"
+        print(f"  {key:<42}{val:8.3f}{mark}")
+
+
 def report(results: Dict[str, Any]) -> None:
     ours, ref = results["ours"], results["sam_ref"]
     sams = results["sam"]
+    if ref is None:  # --skip-sam
+        print()
+        print(f"device: {results['device']}  threads: {results['threads']}  image: {results['image_hw']}  OVSAM "
+              f"{ours['config']}: set_image {ours['set_image_s'] * 1e3:.1f} ms, click {ours['click_s'] * 1e3:.1f} ms, "
+              f"image {ours['flops']['image'] / 1e9:.1f} GFLOP")
+        report_runtimes(results)
+        print(f"load average (1/5/15 min) at start {results['loadavg_start_end'][0]}, at end "
+              f"{results['loadavg_start_end'][1]} on {os.cpu_count()} cores")
+        print_ratios(results, "none")
+        print()
+        return
     sc = ref.get("sam_clip")
     ms = lambda s: f"{s * 1e3:10.1f}"  # noqa: E731
     print()
@@ -464,17 +537,8 @@ def report(results: Dict[str, Any]) -> None:
     print(f"empty masks (random weights): ours {ours['empty_masks']}/{len(ours['click_all_s'])}"
           + (f", SAM+CLIP {sc['empty_masks']}/{len(sc['click_all_s'])} (an empty mask crops the whole image)" if sc else ""))
     print()
-    print(f"ratios (reference SAM: {ref['arch']}; targets from the brief)")
-    for key, val in results["ratios"].items():
-        tgt = TARGETS.get(key.replace("flops_", ""))
-        mark = ""
-        if tgt is not None and not key.startswith("flops_"):
-            op, bound = tgt
-            ok = val <= bound if op == "<=" else val >= bound
-            mark = f"  target {op} {bound:.3g}: {'met' if ok else 'MISSED'}"
-        elif tgt is not None:
-            mark = f"  (latency target {tgt[0]} {tgt[1]:.3g})"
-        print(f"  {key:<42}{val:8.3f}{mark}")
+    report_runtimes(results)
+    print_ratios(results, ref["arch"])
     p = results["paper_gmacs"]
     print(f"paper (GMACs, per image): OVSAM {p['ovsam']:.0f}, SAM-H {p['sam_vit_h']:.0f} "
           f"-> {p['ovsam'] / p['sam_vit_h']:.3f}; ours here: image encoder {fl['image'] / 2e9:.0f} GMACs")
@@ -492,6 +556,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--skip-vit-h", action="store_true", help="no ViT-H: SAM ViT-B is the reference and runs SAM+CLIP")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny OVSAM, SAM ViT-B, CLIP RN50 crops")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON object to this file")
+    ap.add_argument("--ovsam", default=None, help="OVSAM configuration: rn50x16 (default), tiny (--quick), demo (the "
+                                                  "shipped model), or any preset")
+    ap.add_argument("--skip-sam", action="store_true", help="no SAM / SAM+CLIP: OVSAM eager vs exported only")
+    ap.add_argument("--skip-exported", action="store_true", help="no ONNX export (CPU only measures it)")
+    ap.add_argument("--preannotate-images", type=int, default=1, help="images per runtime for pre-annotation images/s")
+    ap.add_argument("--points-per-side", type=int, default=16, help="automatic-mode grid for pre-annotation (default 16)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -509,35 +579,30 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     image = make_image(rng, height, width)
     points = click_points(rng, height, width, args.repeats + 1)
 
-    cfg_name = "tiny" if args.quick else "rn50x16"
-    archs = ["vit_b"] if (args.quick or args.skip_vit_h) else ["vit_b", "vit_h"]
+    cfg_name = args.ovsam or ("tiny" if args.quick else "rn50x16")
+    archs = [] if args.skip_sam else ["vit_b"] if (args.quick or args.skip_vit_h) else ["vit_b", "vit_h"]
     clip_name = "RN50" if args.quick else "RN50x16"
 
     t_start = time.perf_counter()
     load_start = list(os.getloadavg())
     log = lambda m: print(f"[{time.perf_counter() - t_start:7.1f}s] {m}", flush=True)  # noqa: E731
+    peak = gemm_peak() if device.type == "cpu" else None
+    if peak:
+        log(f"fp32 GEMM peak {peak['gflops']:.1f} GFLOP/s ({peak['n']}^3, {peak['threads']} threads)")
     log(f"OVSAM {cfg_name} ...")
     ours = bench_ours(b, cfg_name, image, points, args)
     sams = []
     for arch in archs:
         log(f"SAM {arch}{' + ' + clip_name + ' crops' if arch == archs[-1] else ''} ...")
         sams.append(bench_sam(b, arch, image, points, args, clip_name if arch == archs[-1] else None))
-    ref = sams[-1]
-    sc = ref["sam_clip"]
+    if peak:  # again at the end: the best of both is the least disturbed by other processes
+        end = gemm_peak()
+        peak = {**max(peak, end, key=lambda p: p["gflops"]), "start_gflops": peak["gflops"], "end_gflops": end["gflops"]}
     log("done")
-
-    sam_clip_click_flops = ref["flops"]["click"] + sc["flops"]["clip_crop"]
-    ratios = {
-        "first_click_ours_over_sam": ratio(ours["first_click_s"], ref["first_click_s"]),
-        "set_image_ours_over_sam": ratio(ours["set_image_s"], ref["set_image_s"]),
-        "click_ours_over_sam_decoder": ratio(ours["click_s"], ref["click_s"]),
-        "click_sam_clip_over_ours": ratio(sc["click_s"], ours["click_s"]),
-        "first_click_ours_over_sam_clip": ratio(ours["first_click_s"], ref["set_image_s"] + sc["click_s"]),
-        "flops_first_click_ours_over_sam": ratio(ours["flops"]["image"] + ours["flops"]["click"],
-                                                 ref["flops"]["image"] + ref["flops"]["click"]),
-        "flops_click_ours_over_sam_decoder": ratio(ours["flops"]["click"], ref["flops"]["click"]),
-        "flops_click_sam_clip_over_ours": ratio(sam_clip_click_flops, ours["flops"]["click"]),
-    }
+    ratios = exported_ratios(ours, peak)
+    ref = sams[-1] if sams else None
+    if ref is not None:
+        ratios.update(sam_ratios(ours, ref))
     results: Dict[str, Any] = {
         "benchmark": "latency",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
@@ -549,14 +614,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "repeats": args.repeats,
         "image_repeats": args.image_repeats,
         "warmup": args.warmup,
-        "vocabulary_size": NUM_CLASSES,
+        "vocabulary_size": ours["vocabulary_size"],
+        "gemm_peak": peak,
         "ours": ours,
         "sam": sams,
         "sam_ref": ref,
         "ratios": ratios,
         "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
         "targets_met": {
-            k: (ratios[k] <= v if op == "<=" else ratios[k] >= v) for k, (op, v) in TARGETS.items()
+            k: (ratios[k] <= v if op == "<=" else ratios[k] >= v) for k, (op, v) in TARGETS.items() if k in ratios
         },
         "paper_gmacs": PAPER_GMACS,
         "wall_s": time.perf_counter() - t_start,
@@ -565,12 +631,50 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     report(results)
     out = dict(results)
     out.pop("sam_ref")  # the same dict is in "sam"; keep the JSON line free of duplicates
-    out["sam_ref_arch"] = ref["arch"]
+    out["sam_ref_arch"] = ref["arch"] if ref else None
     line = json.dumps(out, default=float)
     if args.json:
         args.json.write_text(line + "\n")
     print(line, flush=True)
     return results
+
+
+def exported_ratios(ours: Dict[str, Any], peak: Optional[Dict[str, Any]]) -> Dict[str, float]:
+    """Eager vs exported encoder (same run, alternating): speed-ups and shares of the GEMM peak."""
+    rt = ours.get("runtimes")
+    if not rt or "onnx" not in rt:
+        return {}
+    if peak:
+        add_rates(rt, ours["flops"]["image"], peak["gflops"])
+    out = {
+        "set_image_exported_speedup": ratio(rt["torch"]["set_image_s"], rt["onnx"]["set_image_s"]),
+        "first_click_exported_speedup": ratio(rt["torch"]["first_click_s"], rt["onnx"]["first_click_s"]),
+        "preannotate_exported_speedup": ratio(rt["torch"]["preannotate_image_s"], rt["onnx"]["preannotate_image_s"]),
+    }
+    if peak:
+        out["encoder_eager_peak_fraction"] = rt["torch"]["encoder_peak_fraction"]
+        out["encoder_exported_peak_fraction"] = rt["onnx"]["encoder_peak_fraction"]
+    return out
+
+
+def sam_ratios(ours: Dict[str, Any], ref: Dict[str, Any]) -> Dict[str, float]:
+    sc = ref["sam_clip"]
+    sam_clip_click_flops = ref["flops"]["click"] + sc["flops"]["clip_crop"]
+    out = {
+        "first_click_ours_over_sam": ratio(ours["first_click_s"], ref["first_click_s"]),
+        "set_image_ours_over_sam": ratio(ours["set_image_s"], ref["set_image_s"]),
+        "click_ours_over_sam_decoder": ratio(ours["click_s"], ref["click_s"]),
+        "click_sam_clip_over_ours": ratio(sc["click_s"], ours["click_s"]),
+        "first_click_ours_over_sam_clip": ratio(ours["first_click_s"], ref["set_image_s"] + sc["click_s"]),
+        "flops_first_click_ours_over_sam": ratio(ours["flops"]["image"] + ours["flops"]["click"],
+                                                 ref["flops"]["image"] + ref["flops"]["click"]),
+        "flops_click_ours_over_sam_decoder": ratio(ours["flops"]["click"], ref["flops"]["click"]),
+        "flops_click_sam_clip_over_ours": ratio(sam_clip_click_flops, ours["flops"]["click"]),
+    }
+    rt = ours.get("runtimes") or {}
+    if "onnx" in rt:
+        out["first_click_exported_over_sam"] = ratio(rt["onnx"]["first_click_s"], ref["first_click_s"])
+    return out
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
 ``DEVICE``                  ``cuda``, ``cuda:1``, ``cpu`` (default: ``cuda`` if available).
 ``PRECISION``               ``bf16`` (default: bfloat16 autocast on CUDA, faster) or ``fp32``
                             (the reference's numerics); the CPU always computes in fp32.
+``ENCODER_RUNTIME``         ``auto`` (default: ONNX Runtime on CPU once the model's image encoder
+                            is exported and verified equal to PyTorch, PyTorch on GPU),
+                            ``torch`` or ``onnx``. The export runs in the background at
+                            start-up (seconds for the demo model, about a minute for the
+                            official one; cached beside the model) while PyTorch serves.
 ``BASIC_AUTH_USER``/``_PASS``  HTTP basic auth on every endpoint (both or neither).
 ``LOG_LEVEL``               ``DEBUG``/``INFO``/``WARNING``/... (default ``INFO``).
 ``TRAINING_OPTIONS``        JSON object of fine-tuning overrides for START_TRAINING jobs,
@@ -155,6 +160,13 @@ def _precision(env: Mapping[str, str]) -> str:
     return value
 
 
+def _encoder_runtime(env: Mapping[str, str]) -> str:
+    value = (_get(env, "ENCODER_RUNTIME") or "auto").lower()
+    if value not in ("auto", "torch", "onnx"):
+        raise SettingsError(f"ENCODER_RUNTIME={value!r} is not auto, torch or onnx")
+    return value
+
+
 def _default_device() -> str:
     import torch  # deferred: settings are read before anything heavy is needed
 
@@ -196,6 +208,7 @@ class Settings:
     training_timeout_s: float = 21600.0
     jobs_keep: int = 5
     max_loaded_project_models: int = 4
+    encoder_runtime: str = "auto"
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -257,4 +270,5 @@ class Settings:
             training_timeout_s=_number(env, "TRAINING_TIMEOUT_S", 21600.0, low=1.0),
             jobs_keep=int(_number(env, "JOBS_KEEP", 5, low=1)),
             max_loaded_project_models=int(_number(env, "MAX_LOADED_PROJECT_MODELS", 4, low=1, high=1024)),
+            encoder_runtime=_encoder_runtime(env),
         )

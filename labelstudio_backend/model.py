@@ -545,7 +545,7 @@ class OVSAMBackend:
         """The embedding of the image ``source`` names, if it was embedded before and is still cached."""
         with self._url_lock:
             key = self._url_keys.get(source)
-        return serving.predictor.cache.get(key) if key is not None else None
+        return serving.predictor.cached_features(key) if key is not None else None
 
     # -- fit -----------------------------------------------------------------
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:

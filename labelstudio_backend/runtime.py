@@ -36,6 +36,7 @@ import torch
 
 from ovsam.artifact import ModelArtifact, load_artifact, read_artifact_metadata, save_artifact
 from ovsam.checkpoint import load_model
+from ovsam.encoder_runtime import configure_in_background
 from ovsam.predictor import OVSAMPredictor
 from ovsam.vocabulary import Vocabulary, VocabularyBuilder, resolve_vocabulary
 
@@ -294,6 +295,7 @@ class ServingModel:
             "path": str(self.path) if self.path is not None else None,
             "config": self.artifact.config.name,
             "device": str(self.device),
+            "image_encoder": self.predictor.image_encoder.runtime,
             "labels": len(self.artifact.vocabulary),
             "loaded_at": self.loaded_at,
             "trained": self.kind != "untrained-tiny",
@@ -367,6 +369,10 @@ class ModelRuntime:
         except (RuntimeError, ValueError, AssertionError) as exc:  # e.g. DEVICE=cuda without CUDA
             raise ModelLoadError(f"cannot place the model on device {self.settings.device!r}: {exc}") from exc
         serving.predictor.use_autocast &= self.settings.precision == "bf16"  # PRECISION=fp32: no autocast
+        # ENCODER_RUNTIME: an ONNX encoder on CPU, loaded or exported in the background (never on a request's path).
+        # Per model: its features include the recognition head's FPN maps, which fine-tuning trains.
+        serving.encoder_setup = configure_in_background(serving.predictor.image_encoder,
+                                                        self.settings.encoder_runtime, serving.path)
         return serving
 
     def start(self) -> ServingModel:
@@ -485,8 +491,9 @@ class ModelRuntime:
             raise ModelLoadError(f"cannot load project model {path.name!r}: {why}") from exc
         serving = self._serving_model(artifact, ModelSource("project", path), 0 if share else
                                       self.settings.embedding_cache_bytes)
-        if share:
+        if share:  # one byte budget for both; entries keyed apart (the FPN maps in the features are each model's own)
             serving.predictor.cache, serving.owns_cache = base.predictor.cache, False
+            serving.predictor.cache_namespace = serving.version
         log.info("loaded project model %s (%s)", serving.version,
                  "sharing the base's image encoder" if share else "with its own image encoder")
         return serving

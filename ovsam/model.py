@@ -119,9 +119,28 @@ class OVSAM(nn.Module):
 
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
         x, frame = self.preprocess(image)
+        return self.features_from_outputs(self.encode_outputs(x), frame)
+
+    def encode_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Every per-image tensor as one flat list (`encode_output_names`): what an exported encoder returns."""
         embedding, pyramid, feats = self.encode_batch(x)
-        kv = self.trunk.key_value_maps(feats[3]) if self.cfg.use_clip_branch else None
-        return ImageFeatures(embedding, pyramid, feats[3], frame, kv, self.head.high_res_features(feats))
+        out = [embedding, *pyramid, feats[3]]
+        if self.cfg.use_clip_branch:
+            out += list(self.trunk.key_value_maps(feats[3]))
+        out += list(self.head.high_res_features(feats) or ())
+        return out
+
+    def encode_output_names(self) -> List[str]:
+        names = ["embedding", "p2", "p3", "p4", "p5", "c5"]
+        names += ["clip_k", "clip_v"] if self.cfg.use_clip_branch else []
+        names += ["high_res_s8", "high_res_s4"] if self.head.reads_high_res else []
+        return names
+
+    def features_from_outputs(self, outputs: List[torch.Tensor], frame: ImageFrame) -> ImageFeatures:
+        """`ImageFeatures` from the list of `encode_outputs` (eager or exported)."""
+        embedding, pyramid, c5, rest = outputs[0], list(outputs[1:5]), outputs[5], list(outputs[6:])
+        kv = (rest.pop(0), rest.pop(0)) if self.cfg.use_clip_branch else None
+        return ImageFeatures(embedding, pyramid, c5, frame, kv, rest or None)
 
     # ---- prompt side ------------------------------------------------------------------------
     def encode_prompts(

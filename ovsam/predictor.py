@@ -13,6 +13,7 @@ from segment_anything.utils.amg import calculate_stability_score
 
 from .boxes import mask_to_box
 from .cache import SingleFlightLRUCache
+from .encoder_runtime import ImageEncoder
 from .fusion import foreground_probabilities
 from .model import OVSAM, ImageFeatures
 from .transforms import upscale_mask_logits, validate_image
@@ -111,8 +112,13 @@ class OVSAMPredictor:
         self.model = model.to(self.device).eval()
         self.vocabulary = vocabulary
         self.cache: SingleFlightLRUCache[ImageFeatures] = SingleFlightLRUCache(cache_bytes, lambda f: f.nbytes)
+        # Predictors of different models sharing one cache (a fine-tuned model on its base's trunk) key their entries
+        # apart: the features hold the recognition head's FPN maps, which are each model's own.
+        self.cache_namespace = ""
         self.use_autocast = use_autocast and self.device.type == "cuda"
         self.max_batch = max_batch
+        # Eager until an exported encoder is installed (`encoder_runtime.configure_encoder`); copies share it.
+        self.image_encoder = ImageEncoder(self.model)
         self.model_lock = threading.RLock()
         # The "current image" of the SAM-style API is per thread, so request threads never see each other's.
         self._local = threading.local()
@@ -137,11 +143,18 @@ class OVSAMPredictor:
 
         def compute() -> ImageFeatures:
             with self.inference():
-                feats = self.model.encode_image(image)
+                feats = self.image_encoder.encode_image(image)
             return feats.to(self.device, torch.float32)
 
-        self._local.current = self.cache.get_or_compute(key, compute)
+        self._local.current = self.cache.get_or_compute(self._cache_key(key), compute)
         return self._local.current
+
+    def _cache_key(self, key: str) -> str:
+        return f"{self.cache_namespace}/{key}" if self.cache_namespace else key
+
+    def cached_features(self, key: str) -> Optional[ImageFeatures]:
+        """This model's features of the image `key` names, if they are cached (nothing is computed)."""
+        return self.cache.get(self._cache_key(key))
 
     @property
     def current_features(self) -> Optional[ImageFeatures]:
@@ -149,7 +162,7 @@ class OVSAMPredictor:
         return getattr(self._local, "current", None)
 
     def is_cached(self, image: np.ndarray) -> bool:
-        return image_key(validate_image(image)) in self.cache
+        return self._cache_key(image_key(validate_image(image))) in self.cache
 
     # ---- prompts ----------------------------------------------------------------------------
     def predict(

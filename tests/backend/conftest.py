@@ -231,6 +231,7 @@ def backend_env(tiny_artifact: Path, fake_ls: FakeLabelStudio, tmp_path: Path) -
         "MODEL_DIR": str(tmp_path / "models"),
         "OVSAM_CHECKPOINT": str(tiny_artifact),
         "DEVICE": "cpu",
+        "ENCODER_RUNTIME": "torch",  # no background export racing the tests (test_encoder_runtime covers onnx)
         "LOG_LEVEL": "INFO",
         "PREANNOTATION_THRESHOLD": "0",
         "AUTO_POINTS_PER_SIDE": "4",

@@ -122,8 +122,8 @@ def test_project_models_share_the_base_image_encoder_and_only_so_many_stay_loade
         assert answer["results"][0]["model_version"] == f"p{project}-v1"
     health = client.get("/health").json()
     assert {p: m["shares_base_image_encoder"] for p, m in health["loaded_projects"].items()} == {"1": True, "2": True}
-    cache = health["model"]["embedding_cache"]  # the base's cache, which both projects used
-    assert cache["entries"] == 1 and cache["misses"] == 1 and cache["hits"] >= 1
+    cache = health["model"]["embedding_cache"]  # the base's cache (one byte budget), entries keyed per model
+    assert cache["entries"] == 2 and cache["misses"] == 2
 
     answer = client.post("/predict", json=helpers.for_project(body, 3)).json()
     assert answer["results"][0]["model_version"] == "p3-v1"
@@ -131,3 +131,37 @@ def test_project_models_share_the_base_image_encoder_and_only_so_many_stay_loade
     assert set(loaded) == {"2", "3"} and loaded["3"]["shares_base_image_encoder"] is False  # 1 was least recent
     answer = client.post("/predict", json=helpers.for_project(body, 1)).json()  # loaded again when asked
     assert answer["results"][0]["model_version"] == "p1-v1"
+
+
+def test_a_project_model_sharing_the_trunk_gets_its_own_fpn_maps_not_the_bases(
+    make_client: Any, helpers: Any, backend_env: dict[str, str]
+) -> None:
+    """Fine-tuning trains the recognition head's FPN: features cached for the base must not serve the project."""
+    import numpy as np
+    import torch
+
+    from ovsam.artifact import load_artifact, save_artifact
+
+    model_dir = Path(backend_env["MODEL_DIR"])
+    stored = store_version(helpers, model_dir, "1", "p1-v1", seed=0)  # the base's weights ...
+    art = load_artifact(stored, device="cpu")
+    with torch.no_grad():
+        for p in art.model.head.fpn.parameters():  # ... with a fine-tuned FPN
+            p.add_(0.5)
+    tuned = save_artifact(model_dir.parent / "out" / "p1-v2.safetensors", art.model, art.vocabulary, "p1-v2",
+                          text_encoder=art.text_encoder)
+    models = ModelRegistry(model_dir).project("1")
+    models.point_to(models.store(tuned, "p1-v2"))
+
+    client = make_client()
+    runtime = client.app.state.backend.runtime
+    project = runtime.for_project("1")
+    assert project.version == "p1-v2" and project.owns_cache is False  # the trunk and the byte budget are shared
+    image = np.random.RandomState(0).randint(0, 256, (96, 128, 3), dtype=np.uint8)
+    base_features = runtime.current.predictor.set_image(image)  # the base encodes the image first
+    project_features = project.predictor.set_image(image)
+    with torch.inference_mode():
+        own = project.predictor.image_encoder.encode_image(image)
+    assert torch.equal(project_features.embedding, base_features.embedding)  # the same trunk and neck
+    for got, expected, base in zip(project_features.pyramid, own.pyramid, base_features.pyramid):
+        assert torch.allclose(got, expected) and not torch.allclose(got, base)
