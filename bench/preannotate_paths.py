@@ -98,8 +98,9 @@ def _batch_body(paths: Sequence[str], label_config: str) -> dict[str, Any]:
 
 
 def backend_env(model: Path, ls_url: str, workdir: Path, device: str, automatic: dict[str, Any],
-                threshold: float) -> dict[str, str]:
+                threshold: float, encoder_runtime: str) -> dict[str, str]:
     return {
+        "ENCODER_RUNTIME": encoder_runtime,
         "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN, "MODEL_DIR": str(workdir / "models"),
         "OVSAM_CHECKPOINT": str(model), "DEVICE": device, "LOG_LEVEL": "WARNING",
         "OVSAM_CACHE_DIR": str(workdir / "cache"), "PREDICT_BATCH_BUDGET_S": "0",
@@ -111,7 +112,7 @@ def backend_env(model: Path, ls_url: str, workdir: Path, device: str, automatic:
 
 
 def measure_server_path(model: Path, images: Sequence[np.ndarray], label_config: str, device: str,
-                        automatic: dict[str, Any], threshold: float) -> dict[str, Any]:
+                        automatic: dict[str, Any], threshold: float, encoder_runtime: str) -> dict[str, Any]:
     """Images/s through HTTP: one batch ``/predict`` request to the backend process."""
     import httpx
 
@@ -120,10 +121,11 @@ def measure_server_path(model: Path, images: Sequence[np.ndarray], label_config:
     ls = FakeLabelStudio()
     warm, *paths = ls.add_images([warm_up_image(images), *images])
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
-        server = BackendProcess(backend_env(model, ls.url, Path(tmp), device, automatic, threshold),
+        server = BackendProcess(backend_env(model, ls.url, Path(tmp), device, automatic, threshold, encoder_runtime),
                                 Path(tmp) / "backend.log")
         try:
             with httpx.Client(base_url=server.url, timeout=3600) as http:
+                encoder = _wait_for_encoder(http, encoder_runtime, device)
                 http.post("/predict", json=_batch_body([warm], label_config)).raise_for_status()
                 start = time.perf_counter()
                 r = http.post("/predict", json=_batch_body(paths, label_config))
@@ -133,18 +135,33 @@ def measure_server_path(model: Path, images: Sequence[np.ndarray], label_config:
         finally:
             server.stop()
             ls.close()
-    return {"server_images_per_s": answered / seconds, "server_seconds": seconds, "server_images": answered}
+    return {"server_images_per_s": answered / seconds, "server_seconds": seconds, "server_images": answered,
+            "server_image_encoder": encoder}
+
+
+def _wait_for_encoder(http: Any, encoder_runtime: str, device: str, timeout_s: float = 600.0) -> str:
+    """Wait until the backend's start-up export (or load) of the ONNX encoder is done, when it makes one, so the
+    measured batch never shares the cores with it; returns the runtime /health reports."""
+    from ovsam.encoder_runtime import wants_onnx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        model = http.get("/health").json().get("model") or {}
+        runtime = model.get("image_encoder", "")
+        if not wants_onnx(encoder_runtime, device) or runtime == "onnx" or time.monotonic() > deadline:
+            return runtime
+        time.sleep(0.5)
 
 
 def measure_bulk_path(model: Path, images: Sequence[np.ndarray], label_config: str, device: str,
-                      automatic: dict[str, Any], threshold: float) -> dict[str, Any]:
+                      automatic: dict[str, Any], threshold: float, encoder_runtime: str) -> dict[str, Any]:
     """Images/s of the bulk path: iter_predictions (prefetching downloads) and a POST per prediction."""
     import os
 
     ls = FakeLabelStudio()
     warm, *paths = ls.add_images([warm_up_image(images), *images])
     with tempfile.TemporaryDirectory(prefix="bench-bulk-") as tmp:
-        env = backend_env(model, ls.url, Path(tmp), device, automatic, threshold)
+        env = backend_env(model, ls.url, Path(tmp), device, automatic, threshold, encoder_runtime)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -159,7 +176,9 @@ def measure_bulk_path(model: Path, images: Sequence[np.ndarray], label_config: s
 
             settings = Settings.from_env()
             runtime = ModelRuntime(settings, ModelRegistry(settings.model_dir))
-            runtime.start()
+            serving = runtime.start()
+            if serving.encoder_setup is not None:  # the start-up export/load of the ONNX encoder: not measured
+                serving.encoder_setup.join()
             loader = ImageLoader(ImageLoaderConfig.from_env())
             backend = OVSAMBackend(settings, runtime, loader, JobManager(), Metrics())
             schema = backend.schema(label_config)
@@ -167,6 +186,7 @@ def measure_bulk_path(model: Path, images: Sequence[np.ndarray], label_config: s
             tasks = [{"id": 2000 + i, "data": {"image": p}, "project": 1} for i, p in enumerate(paths)]
             start = time.perf_counter()
             posted = 0
+            encoder = serving.predictor.image_encoder.runtime
             for task, outcome in backend.iter_predictions(tasks, schema):
                 if not isinstance(outcome, Exception):
                     post_prediction(loader, task["id"], outcome)
@@ -182,4 +202,4 @@ def measure_bulk_path(model: Path, images: Sequence[np.ndarray], label_config: s
                     os.environ[k] = v
             ls.close()
     return {"bulk_images_per_s": posted / seconds, "bulk_seconds": seconds, "bulk_images": posted,
-            "bulk_posted": ls.posted}
+            "bulk_posted": ls.posted, "bulk_image_encoder": encoder}

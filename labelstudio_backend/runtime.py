@@ -143,6 +143,7 @@ class ServingModel:
         self.predictor = OVSAMPredictor(artifact.model, artifact.vocabulary, cache_bytes=cache_bytes, device=device)
         self.predictor.model_lock = device_lock(self.predictor.device)
         self.owns_cache = True  # False: the embedding cache is the base model's (shared image encoder)
+        self.encoder_setup: threading.Thread | None = None  # the ONNX encoder's export/load in the background
         self._views: OrderedDict[tuple[Any, ...], OVSAMPredictor] = OrderedDict()
         self._building: dict[tuple[Any, ...], Future[OVSAMPredictor]] = {}
         self._progress: dict[tuple[Any, ...], tuple[int, int]] = {}
