@@ -137,14 +137,21 @@ def test_killing_the_training_process_fails_the_job_and_the_server_serves_on(
     assert record["status"] == "failed"
 
 
-def test_a_training_job_can_be_cancelled(
-    make_client: Any, helpers: Any, training_env: dict[str, str], synth_data: dict[str, Any], fake_ls: Any
-) -> None:
+def start_held_job(make_client: Any, helpers: Any, training_env: dict[str, str], synth_data: dict[str, Any],
+                   fake_ls: Any) -> tuple[Any, str, int]:
+    """A training job whose process is running and waits for an image Label Studio holds back: (client, job, pid)."""
     fake_ls.export_tasks = [{**t, "data": {**t["data"], "image": "/data/upload/1/held.png"}} for t in synth_data["tasks"]]
     fake_ls.holds["/data/upload/1/held"] = threading.Event()
     client = make_client(**training_env)
     job_id = start(client, helpers.train_body(1, synth_data["config"]))["job"]
     pid = helpers.wait_for(lambda: client.get(f"/jobs/{job_id}").json()["pid"], timeout=120)
+    return client, job_id, pid
+
+
+def test_a_training_job_can_be_cancelled(
+    make_client: Any, helpers: Any, training_env: dict[str, str], synth_data: dict[str, Any], fake_ls: Any
+) -> None:
+    client, job_id, pid = start_held_job(make_client, helpers, training_env, synth_data, fake_ls)
     assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
     job = finished_job(client, helpers, job_id)
     assert job["status"] == "cancelled" and "terminated" in job["message"]
@@ -214,11 +221,7 @@ def test_export_failure_fails_the_job_with_the_reason(make_client: Any, helpers:
 def test_stopping_the_server_stops_its_training_process_and_the_job_shows_interrupted(
     make_client: Any, helpers: Any, training_env: dict[str, str], synth_data: dict[str, Any], fake_ls: Any
 ) -> None:
-    fake_ls.export_tasks = [{**t, "data": {**t["data"], "image": "/data/upload/1/held.png"}} for t in synth_data["tasks"]]
-    fake_ls.holds["/data/upload/1/held"] = threading.Event()
-    client = make_client(**training_env)
-    job_id = start(client, helpers.train_body(1, synth_data["config"]))["job"]
-    pid = helpers.wait_for(lambda: client.get(f"/jobs/{job_id}").json()["pid"], timeout=120)
+    client, job_id, pid = start_held_job(make_client, helpers, training_env, synth_data, fake_ls)
     client.__exit__(None, None, None)
     record = Path(training_env["MODEL_DIR"]) / "jobs" / f"{job_id}.json"
     helpers.wait_for(lambda: json.loads(record.read_text())["status"] == "interrupted", timeout=60)

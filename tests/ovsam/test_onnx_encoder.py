@@ -20,17 +20,13 @@ from ovsam.predictor import OVSAMPredictor  # noqa: E402
 DEMO = Path(__file__).resolve().parents[2] / "labelstudio_backend" / "default_model" / "ovsam_demo.safetensors"
 
 
-def synthetic_image(shape: str, seed: int, h: int = 120, w: int = 160) -> np.ndarray:
-    """A bright disk or rectangle on a noisy dark background (the backend tests' images)."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:h, :w]
-    if shape == "disk":
-        inside = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2
-    else:
-        inside = (abs(yy - h / 2) < h / 4) & (abs(xx - w / 2) < w / 4)
-    img[inside] = (220, 180, 40)
-    return img
+def synthetic_image(seed: int, h: int = 120, w: int = 160) -> np.ndarray:
+    """One of the project's synthetic images (`python -m training synth`'s generator: the demo model's kind)."""
+    from training.synth import SynthConfig, generate_image
+
+    cfg = SynthConfig(out=".")
+    image, _ = generate_image(np.random.default_rng([seed, 0]), w, h, cfg.classes, cfg.min_objects, cfg.max_objects)
+    return image
 
 
 CLICKS = [np.array([[80.0, 60.0]], np.float32), np.array([[20.0, 15.0]], np.float32)]
@@ -81,7 +77,7 @@ def test_tiny_official_layout_export_is_equal(tiny_official, tmp_path):
     assert result.path is not None and result.path.parent == tmp_path, result.error
     assert result.max_rel_diff <= REL_TOLERANCE
     onnx = OnnxEncoder(artifact.model, result.path)
-    images = [synthetic_image("disk", 0), synthetic_image("rect", 1)]
+    images = [synthetic_image(0), synthetic_image(1)]
     assert_equal_encoders(artifact.model, onnx, images)
     assert_same_clicks(artifact.model, artifact.vocabulary, onnx, images)
 
@@ -92,7 +88,7 @@ def test_demo_model_export_is_equal(demo_artifact, tmp_path):
     result = export_encoder(model, DEMO, cache_dir=tmp_path)
     assert result.path is not None, result.error
     onnx = OnnxEncoder(model, result.path)
-    images = [synthetic_image("disk", 0), synthetic_image("rect", 1)]
+    images = [synthetic_image(0), synthetic_image(1)]
     assert_equal_encoders(model, onnx, images)
     areas = assert_same_clicks(model, demo_artifact.vocabulary, onnx, images)
     assert all(0 < a < 1 for a in areas)  # the trained demo model outlines objects: a real comparison
@@ -140,7 +136,7 @@ def test_failure_falls_back_to_torch_once(tiny_official, tmp_path, monkeypatch, 
     # The failure is remembered: the next load does not export again.
     assert configure_encoder(predictor.image_encoder, "onnx", directory, cache_dir=tmp_path) == "torch"
     assert len(calls) == 1
-    predictor.set_image(synthetic_image("disk", 0))  # PyTorch still serves
+    predictor.set_image(synthetic_image(0))  # PyTorch still serves
 
 
 def test_runtime_switch(tiny_official, tmp_path):
