@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -42,6 +42,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ovsam.cache import SizedLRU
 from ovsam.model import ImageFeatures
 from ovsam.predictor import OVSAMPredictor, image_key
 
@@ -156,8 +157,7 @@ class OVSAMBackend:
         self.bulk = BulkPredictions(jobs, self.iter_predictions, lambda task_id, p: post_prediction(images, task_id, p),
                                     metrics)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-io")
-        self._url_keys: OrderedDict[str, str] = OrderedDict()
-        self._url_lock = threading.Lock()
+        self._url_keys: SizedLRU[str] = SizedLRU(_MAX_REMEMBERED_URLS, lambda _: 1)  # source -> content key
         self._generator_cls: type | None | bool = False  # False = not looked up yet
 
     @property
@@ -535,16 +535,11 @@ class OVSAMBackend:
         """Remember that the image identified by ``source`` (``ImageLoader.source_key``) has content ``key``."""
         if len(source) > _MAX_REMEMBERED_URL_CHARS:
             return
-        with self._url_lock:
-            self._url_keys[source] = key
-            self._url_keys.move_to_end(source)
-            while len(self._url_keys) > _MAX_REMEMBERED_URLS:
-                self._url_keys.popitem(last=False)
+        self._url_keys.put(source, key)
 
     def _cached_features(self, serving: ServingModel, source: str) -> ImageFeatures | None:
         """The embedding of the image ``source`` names, if it was embedded before and is still cached."""
-        with self._url_lock:
-            key = self._url_keys.get(source)
+        key = self._url_keys.get(source)
         return serving.predictor.cached_features(key) if key is not None else None
 
     # -- fit -----------------------------------------------------------------

@@ -25,7 +25,6 @@ import copy
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from ovsam.artifact import ModelArtifact, load_artifact, read_artifact_metadata, save_artifact
+from ovsam.cache import SizedLRU
 from ovsam.checkpoint import load_model
 from ovsam.encoder_runtime import configure_in_background
 from ovsam.predictor import OVSAMPredictor
@@ -104,6 +104,12 @@ class ModelSource:
         return cls("untrained-tiny", None)
 
 
+def _vocabulary_bytes(view: OVSAMPredictor) -> int:
+    """A view's share of the budget: its embeddings' bytes, and at least 1/_MAX_VOCABULARIES of it (a count bound)."""
+    embeddings = view.vocabulary.embeddings
+    return max(embeddings.numel() * embeddings.element_size(), _MAX_VOCABULARY_BYTES // _MAX_VOCABULARIES)
+
+
 def build_untrained_tiny() -> ModelArtifact:
     """A tiny model with fixed random weights: answers with valid but meaningless masks."""
     from ovsam.random_model import build_random
@@ -144,7 +150,9 @@ class ServingModel:
         self.predictor.model_lock = device_lock(self.predictor.device)
         self.owns_cache = True  # False: the embedding cache is the base model's (shared image encoder)
         self.encoder_setup: threading.Thread | None = None  # the ONNX encoder's export/load in the background
-        self._views: OrderedDict[tuple[Any, ...], OVSAMPredictor] = OrderedDict()
+        # One predictor per label set, bounded by the bytes of their text embeddings and in number (a set over the
+        # whole budget is used but not kept).
+        self._views: SizedLRU[OVSAMPredictor] = SizedLRU(_MAX_VOCABULARY_BYTES, _vocabulary_bytes)
         self._building: dict[tuple[Any, ...], Future[OVSAMPredictor]] = {}
         self._progress: dict[tuple[Any, ...], tuple[int, int]] = {}
         self._views_lock = threading.Lock()
@@ -174,7 +182,6 @@ class ServingModel:
         with self._views_lock:
             view = self._views.get(key)
             if view is not None:
-                self._views.move_to_end(key)
                 done: Future[OVSAMPredictor] = Future()
                 done.set_result(view)
                 return done
@@ -223,19 +230,12 @@ class ServingModel:
             view = copy.copy(self.predictor)
             view.vocabulary = vocabulary
             with self._views_lock:
-                self._views[key] = view
-                while len(self._views) > _MAX_VOCABULARIES or (
-                    len(self._views) > 1 and self._views_bytes() > _MAX_VOCABULARY_BYTES
-                ):
-                    self._views.popitem(last=False)
+                self._views.put(key, view)
             return view
         finally:
             with self._views_lock:
                 self._building.pop(key, None)
                 self._progress.pop(key, None)
-
-    def _views_bytes(self) -> int:
-        return sum(v.vocabulary.embeddings.numel() * v.vocabulary.embeddings.element_size() for v in self._views.values())
 
     def _vocabulary(
         self,
@@ -256,7 +256,7 @@ class ServingModel:
 
     def known_label_sets(self) -> list[tuple[list[str], dict[str, list[str]]]]:
         with self._views_lock:
-            keys = list(self._views)
+            keys = self._views.keys()
         return [(list(labels), {l: list(s) for l, s in zip(labels, syns)}) for labels, syns in keys]
 
     # -- bookkeeping -------------------------------------------------------
@@ -319,7 +319,9 @@ class ModelRuntime:
         self.settings = settings
         self.registry = registry
         self._serving: ServingModel | None = None  # the base model
-        self._projects: OrderedDict[str, ServingModel] = OrderedDict()  # loaded project models, LRU
+        # Loaded project models, least recently used unloaded first (MAX_LOADED_PROJECT_MODELS).
+        self._projects: SizedLRU[ServingModel] = SizedLRU(settings.max_loaded_project_models, lambda _: 1,
+                                                          on_evict=self._unloaded)
         self._projects_lock = threading.Lock()
         self._project_load_locks: dict[str, threading.Lock] = {}
         self._swap_lock = threading.Lock()
@@ -409,7 +411,6 @@ class ModelRuntime:
         with self._projects_lock:
             serving = self._projects.get(project)
             if serving is not None:
-                self._projects.move_to_end(project)
                 return serving
         return self.current if self._models(project) is None or self._models(project).pointer() is None else None
 
@@ -471,12 +472,11 @@ class ModelRuntime:
         if serving is self.current:
             return
         with self._projects_lock:
-            self._projects[project] = serving
-            self._projects.move_to_end(project)
-            while len(self._projects) > self.settings.max_loaded_project_models:
-                evicted, old = self._projects.popitem(last=False)
-                log.info("unloaded project %s's model %s (MAX_LOADED_PROJECT_MODELS=%d)",
-                         evicted, old.version, self.settings.max_loaded_project_models)
+            self._projects.put(project, serving)
+
+    def _unloaded(self, project: str, old: ServingModel) -> None:
+        log.info("unloaded project %s's model %s (MAX_LOADED_PROJECT_MODELS=%d)",
+                 project, old.version, self.settings.max_loaded_project_models)
 
     def load_project_artifact(self, path: Path) -> ServingModel:
         """Load a project's artifact (checksum verified), sharing the base's image encoder when it is the same."""
@@ -549,7 +549,7 @@ class ModelRuntime:
     def loaded_projects(self) -> dict[str, dict[str, Any]]:
         """Projects whose own model is loaded now (for /health): version and whether it shares the base's encoder."""
         with self._projects_lock:
-            items = list(self._projects.items())
+            items = self._projects.items()
         return {p: {"version": m.version, "shares_base_image_encoder": not m.owns_cache} for p, m in items}
 
     def served_versions(self) -> dict[str, str]:

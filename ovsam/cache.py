@@ -11,26 +11,45 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import Callable, Dict, Generic, Hashable, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Hashable, List, Optional, Tuple, TypeVar
 
-from cachetools import LRUCache
+from cachetools import Cache, LRUCache
 
 __all__ = ["SizedLRU", "SingleFlightLRUCache"]
 
 V = TypeVar("V")
 
 
-class SizedLRU(Generic[V]):
-    """Thread-safe LRU whose values' total ``size_of`` stays within ``max_size``."""
+class _EvictingLRU(LRUCache):
+    """cachetools' LRU that tells its owner what it evicts (a loaded model to log, a view to let go)."""
 
-    def __init__(self, max_size: int, size_of: Callable[[V], int], max_entry: Optional[int] = None) -> None:
+    def __init__(self, maxsize: int, getsizeof: Callable[[Any], int], on_evict: Optional[Callable[[Any, Any], None]]):
+        super().__init__(maxsize=maxsize, getsizeof=getsizeof)
+        self._on_evict = on_evict
+
+    def popitem(self) -> Tuple[Any, Any]:
+        key, value = super().popitem()
+        if self._on_evict is not None:
+            self._on_evict(key, value)
+        return key, value
+
+
+class SizedLRU(Generic[V]):
+    """Thread-safe LRU whose values' total ``size_of`` stays within ``max_size`` (``size_of=lambda v: 1``: a count).
+
+    ``on_evict(key, value)`` is called, under the cache's lock, for each entry evicted to make room.
+    """
+
+    def __init__(self, max_size: int, size_of: Callable[[V], int], max_entry: Optional[int] = None,
+                 on_evict: Optional[Callable[[Hashable, V], None]] = None) -> None:
         self._size_of = size_of
+        self._on_evict = on_evict
         self._lock = threading.Lock()
         self._max_entry = max_entry
         self._cache: LRUCache[Hashable, V] = self._new(max_size)
 
     def _new(self, max_size: int) -> "LRUCache[Hashable, V]":
-        return LRUCache(maxsize=max(int(max_size), 0), getsizeof=lambda v: int(self._size_of(v)))
+        return _EvictingLRU(max(int(max_size), 0), lambda v: int(self._size_of(v)), self._on_evict)
 
     @property
     def max_size(self) -> int:
@@ -52,9 +71,17 @@ class SizedLRU(Generic[V]):
             return key in self._cache
 
     def keys(self) -> list:
-        """The keys held now, least recently used first."""
+        """The keys held now (in no particular order)."""
         with self._lock:
             return list(self._cache.keys())
+
+    def items(self) -> List[Tuple[Hashable, V]]:
+        """The entries held now (in no particular order; reading them does not make them recent)."""
+        with self._lock:
+            return [(k, Cache.__getitem__(self._cache, k)) for k in list(self._cache.keys())]
+
+    def values(self) -> List[V]:
+        return [v for _, v in self.items()]
 
     def get(self, key: Hashable) -> Optional[V]:
         with self._lock:

@@ -386,7 +386,7 @@ def test_data_uri_images_are_not_remembered_by_url(backend_env: dict[str, str], 
             body["tasks"][0]["data"]["image"] = uri
             r = http.post("/predict", json=body)
             assert r.status_code == 200, r.text
-        remembered = app.state.backend._url_keys
+        remembered = app.state.backend._url_keys.keys()
         assert all(len(u) <= 4096 for u in remembered)
 
 

@@ -317,3 +317,18 @@ def test_concurrent_different_images_each_computed_once_and_correct(monkeypatch)
     for i, feats in enumerate(results):
         torch.testing.assert_close(feats.embedding, expected[i % 4])
     assert not torch.allclose(results[0].embedding, results[1].embedding)
+
+
+def test_sized_lru_tells_what_it_evicts_and_reading_items_does_not_make_them_recent():
+    from ovsam.cache import SizedLRU
+
+    evicted = []
+    cache = SizedLRU(2, lambda v: 1, on_evict=lambda k, v: evicted.append((k, v)))
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert sorted(cache.items()) == [("a", 1), ("b", 2)]  # "a" stays the least recently used
+    cache.put("c", 3)
+    assert evicted == [("a", 1)] and sorted(cache.keys()) == ["b", "c"]
+    cache.get("b")
+    cache.put("d", 4)
+    assert evicted == [("a", 1), ("c", 3)]
