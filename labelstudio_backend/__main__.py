@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import Settings, SettingsError
+from .config import settings_or_report
 
 # Loopback by default: the backend holds a Label Studio token, so listening on every
 # interface is a deliberate choice (the container image passes --host 0.0.0.0).
@@ -44,10 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")), help="port (default 9090)")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    settings = settings_or_report()
+    if settings is None:
         return 2
 
     import uvicorn  # deferred so that --help answers at once

@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,3 +273,12 @@ class Settings:
             max_loaded_project_models=int(_number(env, "MAX_LOADED_PROJECT_MODELS", 4, low=1, high=1024)),
             encoder_runtime=_encoder_runtime(env),
         )
+
+
+def settings_or_report() -> Settings | None:
+    """The environment's settings, or None after printing why they are wrong (the commands then exit 2)."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return None

@@ -132,13 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefetch", type=int, default=4, help="images downloaded ahead of the model")
     args = parser.parse_args(argv)
 
-    from .config import Settings, SettingsError
+    from .config import settings_or_report
     from .metrics_log import configure_logging
 
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    settings = settings_or_report()
+    if settings is None:
         return 2
     configure_logging(settings.log_level)
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
