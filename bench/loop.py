@@ -34,11 +34,9 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,7 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness import BackendProcess  # noqa: E402  (bench/ is the script's folder)
+from harness import BackendProcess, QuietHandler, serve  # noqa: E402  (bench/ is the script's folder)
 
 TOKEN = "loop-token"
 PROJECT_ID = 1
@@ -117,33 +115,21 @@ class FakeLabelStudio:
         self.exports = 0
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802
                 if self.headers.get("Authorization") != f"Token {TOKEN}":
-                    return self._send(401, b'{"detail": "Authentication credentials were not provided."}')
+                    return self.send(401, b'{"detail": "Authentication credentials were not provided."}')
                 path = urlsplit(self.path).path
                 if path == f"/api/projects/{PROJECT_ID}/export":
                     owner.exports += 1
-                    return self._send(200, json.dumps(owner.accepted).encode(), "application/json")
+                    return self.send(200, json.dumps(owner.accepted).encode(), "application/json")
                 prefix, _, name = path.rpartition("/")
                 folder = owner.image_dirs.get(prefix)
                 if folder is not None and (folder / name).is_file() and "/" not in name:
-                    return self._send(200, (folder / name).read_bytes(), "image/png")
-                self._send(404, b"not found")
+                    return self.send(200, (folder / name).read_bytes(), "image/png")
+                self.send(404, b"not found")
 
-            def _send(self, code: int, body: bytes, kind: str = "text/plain") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler)
 
     def accept(self, task: Task) -> None:
         """The annotator submits the corrected annotation (here: exactly the ground truth)."""

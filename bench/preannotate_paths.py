@@ -17,13 +17,12 @@ import copy
 import io
 import json
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from harness import QuietHandler, serve  # bench/ is the importing script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "backend" / "fixtures" / "label_studio"
@@ -38,29 +37,18 @@ class FakeLabelStudio:
         self.posted = 0
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802
                 body = fake.files.get(self.path) if self.headers.get("Authorization") == f"Token {TOKEN}" else None
-                self._answer(200 if body is not None else 404, body or b"")
+                self.send(200 if body is not None else 404, body or b"")
 
             def do_POST(self) -> None:  # noqa: N802
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 ok = self.headers.get("Authorization") == f"Token {TOKEN}" and self.path == "/api/predictions/"
                 fake.posted += ok
-                self._answer(201 if ok else 401, b"{}")
+                self.send(201 if ok else 401, b"{}")
 
-            def _answer(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler)
 
     def add_images(self, images: Sequence[np.ndarray]) -> list[str]:
         from PIL import Image
