@@ -1,4 +1,4 @@
-"""Eager PyTorch vs the exported (ONNX Runtime) image encoder, side by side in one process, plus the GEMM peak.
+"""Eager PyTorch vs the exported (ONNX, run by OpenVINO) image encoder, side by side in one process, plus the GEMM peak.
 
 Used by `bench/latency.py`. Measurements of the two runtimes alternate (eager, exported, eager, ...) on the same
 images so that load from other processes falls on both alike: their ratio is the figure that counts.
@@ -66,7 +66,7 @@ def bench_runtimes(
         preds = {rt: OVSAMPredictor(model, vocab, cache_bytes=4 << 30) for rt in RUNTIMES}
         preds["onnx"].image_encoder.use_onnx(onnx, "bench")
         one = np.ones(1, np.int64)
-        onnx.encode_image(_variant(image, 999))  # first run: ONNX Runtime's own allocations
+        onnx.encode_image(_variant(image, 999))  # first run: OpenVINO's own allocations
 
         times: Dict[str, Dict[str, List[float]]] = {rt: {"set_image": [], "first_predict": []} for rt in RUNTIMES}
         masks: Dict[str, List[np.ndarray]] = {rt: [] for rt in RUNTIMES}

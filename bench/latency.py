@@ -13,7 +13,7 @@ What is measured (medians of `time.perf_counter`, with `torch.cuda.synchronize` 
                 image, resized to the CLIP input size, run through the open_clip visual tower and scored by
                 cosine against the vocabulary (the image embedding is cached, as it is for ours).
   first click = set_image + one click;  further click = one click on an image that is already embedded.
-  exported    the same OVSAM image encoder exported to ONNX and run by ONNX Runtime (ovsam/encoder_export.py), measured
+  exported    the same OVSAM image encoder exported to ONNX and run by OpenVINO (ovsam/encoder_export.py, ovsam/encoder_runtime.py), measured
                 against eager in alternation on the same images (bench/encoder_runtimes.py): set_image, first click and
                 pre-annotation (automatic mode, as the backend runs it) images/s; its equality to eager on the bench
                 image; and each runtime's encoder GFLOP/s as a share of this machine's fp32 GEMM peak, measured here.

@@ -23,7 +23,7 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
 ``DEVICE``                  ``cuda``, ``cuda:1``, ``cpu`` (default: ``cuda`` if available).
 ``PRECISION``               ``bf16`` (default: bfloat16 autocast on CUDA, faster) or ``fp32``
                             (the reference's numerics); the CPU always computes in fp32.
-``ENCODER_RUNTIME``         ``auto`` (default: ONNX Runtime on CPU once the model's image encoder
+``ENCODER_RUNTIME``         ``auto`` (default: the ONNX export run by OpenVINO on CPU once the model's image encoder
                             is exported and verified equal to PyTorch, PyTorch on GPU),
                             ``torch`` or ``onnx``. The export runs in the background at
                             start-up (seconds for the demo model, about a minute for the

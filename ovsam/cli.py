@@ -1,5 +1,5 @@
 """`python -m ovsam download|predict|export-onnx|...`: fetch the official weights, segment and name one object in an
-image, export a model's image encoder for ONNX Runtime."""
+image, export a model's image encoder to ONNX (run by OpenVINO on CPU)."""
 from __future__ import annotations
 
 import argparse

@@ -1,6 +1,6 @@
 """The image encoder (trunk + neck + FPN + per-image CLIP/decoder maps) exported to ONNX, verified, cached on disk.
 
-On CPU the encoder is nearly all of a first click and of every pre-annotation task; ONNX Runtime runs the same
+On CPU the encoder is nearly all of a first click and of every pre-annotation task; OpenVINO runs the same
 graph faster than eager PyTorch. An export is only ever used after it matched eager on a fixed input, and it is
 cached under a key of the model's weights, configuration and library versions, so a model is exported once.
 A model whose export fails or differs gets a `.failed` note instead, so it is not re-exported on every load.
@@ -61,9 +61,9 @@ class ExportResult:
 
 def runtime_versions() -> str:
     """The libraries whose numerics or file format the cached export depends on."""
-    import onnxruntime
+    import openvino
 
-    return f"torch={torch.__version__};onnxruntime={onnxruntime.__version__};graph={GRAPH_VERSION};opset={OPSET}"
+    return f"torch={torch.__version__};openvino={openvino.__version__};graph={GRAPH_VERSION};opset={OPSET}"
 
 
 def encoder_key(model: OVSAM) -> str:
@@ -153,14 +153,14 @@ def _silence_tracer() -> None:
 
 
 def verify(model: OVSAM, onnx_model: bytes | str | Path, threads: Optional[int] = None) -> float:
-    """Max relative difference between eager and ONNX Runtime on the fixed input (see `max_relative_diff`)."""
-    from .encoder_runtime import make_session
+    """Max relative difference between eager and the OpenVINO-compiled export on the fixed input (see
+    `max_relative_diff`)."""
+    from .encoder_runtime import compile_encoder
 
     x = reference_input(model)
     with torch.no_grad():
         ref: List[torch.Tensor] = model.encode_outputs(x.to(model.device))
-    session = make_session(onnx_model, threads)
-    out = session.run(None, {"image": x.numpy()})
+    out = compile_encoder(onnx_model, threads).run(np.ascontiguousarray(x.numpy()))
     return max_relative_diff(ref, out)
 
 

@@ -1,8 +1,13 @@
-"""Which runtime computes a predictor's image features: eager PyTorch, or a verified ONNX export on CPU.
+"""Which runtime computes a predictor's image features: eager PyTorch, or a verified ONNX export run by OpenVINO.
 
-`ImageEncoder` is shared by a predictor and its per-vocabulary copies, so switching it to ONNX once an export
-is ready (in the background, at start-up) switches every copy. `ENCODER_RUNTIME` = auto | torch | onnx:
-auto uses ONNX Runtime on CPU when an export verifies equal, PyTorch on GPU.
+`ImageEncoder` is shared by a predictor and its per-vocabulary copies, so switching it to the export once one is
+ready (in the background, at start-up) switches every copy. `ENCODER_RUNTIME` = auto | torch | onnx: auto uses the
+exported encoder on CPU when it verifies equal, PyTorch on GPU.
+
+Why OpenVINO: the issue asked to compare ONNX Runtime and OpenVINO on the same export and keep one
+(bench/cpu_runtimes.py; official RN50x16 shape, 2 cores, fp32, bench/README.md): both run it ~1.6-1.8x faster than
+eager, within this machine's noise of each other (OpenVINO 11.2-12.4 s in 7 runs, ONNX Runtime 11.0-14.6 s in 5);
+OpenVINO was the steadier and also compiles the same file to bf16 on AMX CPUs (~4x; not served: not equal to eager).
 """
 from __future__ import annotations
 
@@ -29,54 +34,83 @@ def parse_runtime(value: Optional[str]) -> str:
     return v
 
 
-def onnxruntime_available() -> bool:
+def openvino_available() -> bool:
     try:
-        import onnxruntime  # noqa: F401
+        import openvino  # noqa: F401
     except ImportError:
         return False
     return True
 
 
 def wants_onnx(runtime: str, device: torch.device | str) -> bool:
-    """auto: ONNX on CPU (if onnxruntime is installed); torch: never; onnx: on CPU (GPU keeps PyTorch)."""
+    """auto: the export on CPU (if OpenVINO is installed); torch: never; onnx: on CPU (GPU keeps PyTorch)."""
     runtime = parse_runtime(runtime)
     if runtime == "torch" or torch.device(device).type != "cpu":
         return False
-    return runtime == "onnx" or onnxruntime_available()
+    return runtime == "onnx" or openvino_available()
 
 
-def make_session(onnx_model: bytes | str | Path, threads: Optional[int] = None) -> Any:
-    """An ONNX Runtime CPU session using as many threads as torch does (the same share of the machine)."""
-    import onnxruntime as ort
+class CompiledEncoder:
+    """An ONNX encoder graph compiled by OpenVINO for this CPU, in fp32 (outputs held to eager's within 1e-4).
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle pool threads must not spin: the PyTorch decoder runs right after, on the same cores.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # Denormals cost orders of magnitude more cycles and change nothing at the 1e-4 the export is held to.
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    OpenVINO would pick bf16 by itself on CPUs with AMX/AVX512-BF16; the precision is pinned to f32 so the
+    export is the same model as eager. One inference at a time (an infer request is not reentrant); outputs are
+    copied out, since the request reuses its buffers.
+    """
+
+    def __init__(self, onnx_model: bytes | str | Path, threads: Optional[int] = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+        config = {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            # The same share of the machine as torch, whose decoder runs right after on the same cores.
+            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            # Denormals cost orders of magnitude more cycles and change nothing at the 1e-4 the export is held to.
+            "CPU_DENORMALS_OPTIMIZATION": True,
+        }
+        self.compiled = core.compile_model(core.read_model(source), "CPU", config)
+        self.output_names = [_graph_output_name(o.get_names()) for o in self.compiled.outputs]
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def run(self, image: np.ndarray) -> List[np.ndarray]:
+        """The graph's outputs, in order, for a normalised [1, 3, S, S] float32 array."""
+        with self._lock:
+            self._request.infer({0: image})
+            return [np.array(self._request.get_output_tensor(i).data, copy=True)
+                    for i in range(len(self.output_names))]
+
+
+def _graph_output_name(names: set) -> str:
+    """The export's own name of an output (OpenVINO also knows it by the name of the node that computes it)."""
+    public = sorted(n for n in names if "/" not in n)
+    return public[0] if public else sorted(names)[0]
+
+
+def compile_encoder(onnx_model: bytes | str | Path, threads: Optional[int] = None) -> CompiledEncoder:
+    """An OpenVINO CPU compilation using as many threads as torch does (the same share of the machine)."""
+    return CompiledEncoder(onnx_model, threads)
 
 
 class OnnxEncoder:
-    """A verified ONNX export of one model's encoder, run by ONNX Runtime on CPU."""
+    """A verified ONNX export of one model's encoder, run by OpenVINO on CPU."""
 
     def __init__(self, model: OVSAM, path: Path, threads: Optional[int] = None) -> None:
         self.model = model
         self.path = Path(path)
-        self.session = make_session(self.path, threads)
+        self.session = compile_encoder(self.path, threads)
         expected = model.encode_output_names()
-        got = [o.name for o in self.session.get_outputs()]
+        got = self.session.output_names
         if got != expected:
             raise ValueError(f"{self.path} has outputs {got}, the model needs {expected}")
 
     def outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The same list as `OVSAM.encode_outputs` for a normalised [1, 3, S, S] input."""
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        return [torch.from_numpy(o) for o in self.session.run(None, {"image": arr})]
+        return [torch.from_numpy(o) for o in self.session.run(arr)]
 
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
         x, frame = self.model.preprocess(image)
@@ -143,7 +177,7 @@ def configure_encoder(encoder: ImageEncoder, runtime: str, artifact: Optional[Pa
     if onnx is None:  # a failed export is worth a warning; a missing one that was not asked for is not
         log.log(logging.WARNING if export else logging.INFO, "image encoder: falling back to PyTorch (%s)", note)
     else:
-        log.info("image encoder: ONNX Runtime on CPU (%s)", note)
+        log.info("image encoder: OpenVINO on CPU (%s)", note)
     return encoder.runtime
 
 
@@ -168,7 +202,7 @@ def configure_in_background(encoder: ImageEncoder, runtime: str, artifact: Optio
         if done is not None:
             done(result)
 
-    # Not a daemon: killing it inside torch or onnxruntime at interpreter exit aborts the process.
+    # Not a daemon: killing it inside torch or OpenVINO at interpreter exit aborts the process.
     thread = threading.Thread(target=work, name="encoder-export", daemon=False)
     thread.start()
     return thread

@@ -1,4 +1,4 @@
-"""ENCODER_RUNTIME: the served model's image encoder is ONNX Runtime on CPU when asked (or auto), else PyTorch."""
+"""ENCODER_RUNTIME: the served model's image encoder is the ONNX export (OpenVINO) on CPU when asked (or auto), else PyTorch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from labelstudio_backend import runtime
 from labelstudio_backend.config import Settings, SettingsError
 from labelstudio_backend.registry import ModelRegistry
 
-pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
 
 
 def test_setting_from_env() -> None:

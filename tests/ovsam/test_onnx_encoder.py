@@ -1,4 +1,4 @@
-"""The exported (ONNX Runtime) image encoder: equal to eager, same click masks, and PyTorch when it cannot be."""
+"""The exported (ONNX, run by OpenVINO) image encoder: equal to eager, same click masks, and PyTorch when it cannot be."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
 
 from ovsam import encoder_export  # noqa: E402
 from ovsam.checkpoint import load_model  # noqa: E402
