@@ -10,11 +10,14 @@ settings, regions below ``PREANNOTATION_THRESHOLD`` dropped):
   object's centre segments at IoU >= 0.5 (and with the right label too), and recall / ceiling;
 - duplicates: region pairs of one image with mask IoU >= 0.8, and the largest such IoU.
 
-Throughput: model only, images/s for encode + automatic mode (no image decoding, no RLE, no HTTP). The end-to-end
-paths (server, bulk command) can be added as further ``measure_*`` functions reported beside it.
+Throughput: model only, images/s for encode + automatic mode (no image decoding, no RLE, no HTTP); with
+``--end-to-end`` also the server path (a batch ``/predict`` to the backend process) and the bulk path
+(``bench/preannotate_paths.py``), all on the same images in interleaved rounds (``--rounds``), each path's rate as a
+ratio to the model-only rate of the same rounds (target >= 0.9).
 
     .venv/bin/python bench/preannotate.py [--model labelstudio_backend/default_model/ovsam_demo.safetensors]
-        [--seeds 13,14,15] [--tuning-seeds 21,22,23,24] [--images 30] [--threshold 0.5] [--config '{"points_per_side": 16}'] [--repeats 1]
+        [--seeds 13,14,15] [--tuning-seeds 21,22,23,24] [--images 30] [--threshold 0.5] [--config '{"points_per_side": 16}']
+        [--end-to-end] [--rounds 3] [--encoder-runtime auto|torch|onnx]
         [--json PATH]
 """
 
@@ -156,50 +159,101 @@ def summarise(c: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- throughput
 
 
-def measure_model_throughput(artifact: Any, config: Any, samples: Sequence[Sample], device: str,
-                             repeats: int, encoder_runtime: str, model_path: Path) -> dict[str, Any]:
-    """Images/s for encode + automatic mode alone: every image encoded afresh (cache keys made unique), with the
-    image encoder `encoder_runtime` picks (ENCODER_RUNTIME's values), as the end-to-end paths get it."""
-    import torch
+class ModelPath:
+    """Encode + automatic mode alone, in this process, with the image encoder `encoder_runtime` picks
+    (ENCODER_RUNTIME's values), as the end-to-end paths get it. No embedding cache: every image encoded afresh."""
 
-    from ovsam.automatic import AutomaticMaskGenerator
-    from ovsam.encoder_runtime import configure_encoder
-    from ovsam.predictor import OVSAMPredictor
+    name = "model"
 
-    predictor = OVSAMPredictor(artifact.model, artifact.vocabulary, device=device, cache_bytes=0)
-    configure_encoder(predictor.image_encoder, encoder_runtime, model_path)
-    generator = AutomaticMaskGenerator(predictor, config)
-    generator.generate(predictor.set_image(samples[0].image, key="warmup"))
+    def __init__(self, artifact: Any, config: Any, sample: np.ndarray, device: str, encoder_runtime: str,
+                 model_path: Path) -> None:
+        from ovsam.automatic import AutomaticMaskGenerator
+        from ovsam.encoder_runtime import configure_encoder
+        from ovsam.predictor import OVSAMPredictor
 
-    def sync() -> None:
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        self.device = device
+        self.predictor = OVSAMPredictor(artifact.model, artifact.vocabulary, device=device, cache_bytes=0)
+        configure_encoder(self.predictor.image_encoder, encoder_runtime, model_path)
+        self.image_encoder = self.predictor.image_encoder.runtime
+        self.generator = AutomaticMaskGenerator(self.predictor, config)
+        self._count = 0
+        self.measure([sample])
 
-    sync()
-    start = time.perf_counter()
-    for r in range(repeats):
-        for i, s in enumerate(samples):
-            generator.generate(predictor.set_image(s.image, key=f"{r}-{i}"))
-    sync()
-    seconds = time.perf_counter() - start
-    n = repeats * len(samples)
-    return {"model_images_per_s": n / seconds, "model_seconds": seconds, "model_images": n,
-            "model_image_encoder": predictor.image_encoder.runtime}
+    def measure(self, images: Sequence[np.ndarray]) -> tuple[float, int]:
+        import torch
+
+        def sync() -> None:
+            if torch.device(self.device).type == "cuda":
+                torch.cuda.synchronize()
+
+        sync()
+        start = time.perf_counter()
+        for image in images:
+            self._count += 1
+            self.generator.generate(self.predictor.set_image(image, key=f"model-{self._count}"))
+        sync()
+        return time.perf_counter() - start, len(images)
+
+    def close(self) -> None:
+        pass
 
 
-def measure_end_to_end(model: Path, artifact: Any, config: Any, samples: Sequence[Sample], device: str,
-                       threshold: float, model_rate: float, encoder_runtime: str) -> dict[str, Any]:
-    """Server and bulk paths on the same images, with their ratio to the model-only rate (target >= 0.9)."""
-    from preannotate_paths import measure_bulk_path, measure_server_path
+def measure_rounds(paths: Sequence[Any], images: Sequence[np.ndarray], rounds: int) -> dict[str, Any]:
+    """Every path on the same images, round after round, the order rotating each round (model, server, bulk;
+    server, bulk, model; ...); each round's images are fresh variants (`variant`), so no cache of any path helps.
+    A path's rate is its images over its seconds summed over rounds; the ratios to the model-only rate are also
+    given per round, whose spread shows how much the machine drifted."""
+    from preannotate_paths import variant
 
-    labels = "".join(f'<Label value="{label}"/>' for label in artifact.vocabulary.labels)
-    xml = f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}</BrushLabels></View>'
+    seconds = {p.name: [] for p in paths}
+    counts = {p.name: [] for p in paths}
+    for r in range(rounds):
+        order = list(paths[r % len(paths):]) + list(paths[:r % len(paths)])
+        for k, path in enumerate(order):
+            batch = [variant(image, 10 * r + k) for image in images]
+            s, n = path.measure(batch)
+            seconds[path.name].append(s)
+            counts[path.name].append(n)
+            print(f"round {r + 1}/{rounds} {path.name:>6}: {n} images in {s:.1f} s", flush=True)
+    out: dict[str, Any] = {"rounds": rounds}
+    for name in seconds:
+        out[f"{name}_images_per_s"] = sum(counts[name]) / sum(seconds[name])
+        out[f"{name}_seconds"] = sum(seconds[name])
+        out[f"{name}_seconds_per_round"] = seconds[name]
+        out[f"{name}_images"] = sum(counts[name])
+    model_rate = out["model_images_per_s"]
+    for name in seconds:
+        if name != "model":
+            out[f"{name}_over_model"] = out[f"{name}_images_per_s"] / model_rate
+            out[f"{name}_over_model_per_round"] = [
+                (counts[name][r] / seconds[name][r]) / (counts["model"][r] / seconds["model"][r]) for r in range(rounds)]
+    return out
+
+
+def measure_throughput(model: Path, artifact: Any, config: Any, samples: Sequence[Sample], device: str,
+                       threshold: float, encoder_runtime: str, rounds: int, end_to_end: bool) -> dict[str, Any]:
+    """Model-only images/s, and with `end_to_end` the server and bulk paths measured in the same rounds."""
+    from preannotate_paths import BulkPath, ServerPath, warm_up_image
+
     images = [s.image for s in samples]
-    auto = dataclasses.asdict(config)
-    out = {**measure_server_path(model, images, xml, device, auto, threshold, encoder_runtime),
-           **measure_bulk_path(model, images, xml, device, auto, threshold, encoder_runtime)}
-    out["server_over_model"] = out["server_images_per_s"] / model_rate
-    out["bulk_over_model"] = out["bulk_images_per_s"] / model_rate
+    warm = warm_up_image(images)
+    paths: list[Any] = [ModelPath(artifact, config, warm, device, encoder_runtime, model)]
+    try:
+        if end_to_end:
+            labels = "".join(f'<Label value="{label}"/>' for label in artifact.vocabulary.labels)
+            xml = (f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}'
+                   "</BrushLabels></View>")
+            args = (model, warm, xml, device, dataclasses.asdict(config), threshold, encoder_runtime)
+            paths.append(ServerPath(*args))
+            paths.append(BulkPath(*args))
+        out = measure_rounds(paths, images, rounds)
+        for p in paths:
+            out[f"{p.name}_image_encoder"] = p.image_encoder
+        if end_to_end:
+            out["bulk_posted"] = paths[2].ls.posted - 1  # less the warm-up image's
+    finally:
+        for p in paths:
+            p.close()
     return out
 
 
@@ -228,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="PREANNOTATION_THRESHOLD (default: the config's confidence_threshold)")
     p.add_argument("--config", default="{}", help="AutomaticConfig overrides as JSON")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=1, help="passes over the images for throughput")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="throughput rounds: every path on every image once per round, interleaved (see measure_rounds)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--end-to-end", action="store_true",
                    help="also the server path (HTTP batch to the backend process) and the bulk path (iter_predictions "
@@ -274,12 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record[group] = summarise(total)
     record["quality_seconds"] = time.perf_counter() - started
     if not args.skip_throughput:
-        record["throughput"] = measure_model_throughput(artifact, config, all_samples, args.device, args.repeats,
-                                                        args.encoder_runtime, args.model)
-        if args.end_to_end:
-            record["throughput"].update(measure_end_to_end(args.model, artifact, config, all_samples, args.device,
-                                                           threshold, record["throughput"]["model_images_per_s"],
-                                                           args.encoder_runtime))
+        record["throughput"] = measure_throughput(args.model, artifact, config, all_samples, args.device, threshold,
+                                                  args.encoder_runtime, args.rounds, args.end_to_end)
     record["load_end"] = os.getloadavg()[0]
     q = record["quality"]
     record["targets_met"] = {
@@ -309,12 +360,14 @@ def print_table(record: dict[str, Any]) -> None:
     if "throughput" in record:
         t = record["throughput"]
         print(f"model only (encode + automatic mode): {t['model_images_per_s']:.2f} images/s "
-              f"({t['model_images']} images, {t['model_seconds']:.1f} s, {record['device']}, "
+              f"({t['model_images']} images in {t['rounds']} rounds, {t['model_seconds']:.1f} s, {record['device']}, "
               f"image encoder {t['model_image_encoder']})")
         if "server_images_per_s" in t:
             print(f"server path (HTTP batch): {t['server_images_per_s']:.2f} images/s = x{t['server_over_model']:.2f} "
                   f"model only; bulk path: {t['bulk_images_per_s']:.2f} images/s = x{t['bulk_over_model']:.2f} "
                   "(target >= 0.9)")
+            print("  per round: server " + " ".join(f"x{x:.2f}" for x in t["server_over_model_per_round"])
+                  + ", bulk " + " ".join(f"x{x:.2f}" for x in t["bulk_over_model_per_round"]))
     print("targets met:", record["targets_met"])
 
 

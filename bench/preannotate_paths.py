@@ -8,7 +8,9 @@
   ``OVSAMBackend.iter_predictions`` (images downloading while the model works) and ``post_prediction`` to the
   stand-in's ``/api/predictions/``, in this process.
 
-Both report images/s, to be compared with the model-only figure of the same run.
+Each path is set up once (processes started, models loaded, warmed on an image of the same size) and then measured
+in rounds by ``bench/preannotate.py``, interleaved with the model-only loop on the same images: this machine's speed
+drifts by 10-20 % over minutes, which one sequential pass per path reads as a difference between the paths.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ class FakeLabelStudio:
         from PIL import Image
 
         paths = []
-        for i, image in enumerate(images):
+        for image in images:
             buf = io.BytesIO()
             Image.fromarray(image).save(buf, format="PNG")
-            path = f"/data/upload/1/bench-{i}.png"
+            path = f"/data/upload/1/bench-{len(self.files)}.png"
             self.files[path] = buf.getvalue()
             paths.append(path)
         return paths
@@ -67,12 +69,16 @@ class FakeLabelStudio:
         self.server.server_close()
 
 
-def warm_up_image(images: Sequence[np.ndarray]) -> np.ndarray:
-    """An image none of the measured ones equals (so none is in the embedding cache), of the same size.
+def variant(image: np.ndarray, k: int) -> np.ndarray:
+    """The image with one corner pixel changed: the same content (so the same automatic-mode work), but an image no
+    cache of any path has seen, so every round encodes every image afresh."""
+    out = image.copy()
+    out[0, 0, 0] = (int(out[0, 0, 0]) + 1 + k) % 256
+    return out
 
-    Every path then measures the very images the model-only figure was measured on: automatic mode's cost
-    depends on what is in the image (how many grid masks pass its filters).
-    """
+
+def warm_up_image(images: Sequence[np.ndarray]) -> np.ndarray:
+    """An image none of the measured ones equals (so none is in the embedding cache), of the same size."""
     return np.ascontiguousarray(images[0][::-1, ::-1])
 
 
@@ -99,36 +105,44 @@ def backend_env(model: Path, ls_url: str, workdir: Path, device: str, automatic:
     }
 
 
-def measure_server_path(model: Path, images: Sequence[np.ndarray], label_config: str, device: str,
-                        automatic: dict[str, Any], threshold: float, encoder_runtime: str) -> dict[str, Any]:
-    """Images/s through HTTP: one batch ``/predict`` request to the backend process."""
-    import httpx
+class ServerPath:
+    """Images/s through HTTP: one batch ``/predict`` request per round to one backend process, started once."""
 
-    from harness import BackendProcess
+    name = "server"
 
-    ls = FakeLabelStudio()
-    warm, *paths = ls.add_images([warm_up_image(images), *images])
-    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
-        server = BackendProcess(backend_env(model, ls.url, Path(tmp), device, automatic, threshold, encoder_runtime),
-                                Path(tmp) / "backend.log")
-        try:
-            with httpx.Client(base_url=server.url, timeout=3600) as http:
-                encoder = _wait_for_encoder(http, encoder_runtime, device)
-                http.post("/predict", json=_batch_body([warm], label_config)).raise_for_status()
-                start = time.perf_counter()
-                r = http.post("/predict", json=_batch_body(paths, label_config))
-                seconds = time.perf_counter() - start
-                r.raise_for_status()
-                answered = sum(isinstance(x, dict) for x in r.json()["results"])
-        finally:
-            server.stop()
-            ls.close()
-    return {"server_images_per_s": answered / seconds, "server_seconds": seconds, "server_images": answered,
-            "server_image_encoder": encoder}
+    def __init__(self, model: Path, sample: np.ndarray, label_config: str, device: str, automatic: dict[str, Any],
+                 threshold: float, encoder_runtime: str) -> None:
+        import httpx
+
+        from harness import BackendProcess
+
+        self.label_config = label_config
+        self.ls = FakeLabelStudio()
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-server-")
+        tmp = Path(self._tmp.name)
+        self.server = BackendProcess(backend_env(model, self.ls.url, tmp, device, automatic, threshold, encoder_runtime),
+                                     tmp / "backend.log")
+        self.http = httpx.Client(base_url=self.server.url, timeout=3600)
+        self.image_encoder = _wait_for_encoder(self.http, encoder_runtime, device)
+        self.http.post("/predict", json=_batch_body(self.ls.add_images([sample]), label_config)).raise_for_status()
+
+    def measure(self, images: Sequence[np.ndarray]) -> tuple[float, int]:
+        paths = self.ls.add_images(images)
+        start = time.perf_counter()
+        r = self.http.post("/predict", json=_batch_body(paths, self.label_config))
+        seconds = time.perf_counter() - start
+        r.raise_for_status()
+        return seconds, sum(isinstance(x, dict) for x in r.json()["results"])
+
+    def close(self) -> None:
+        self.http.close()
+        self.server.stop()
+        self.ls.close()
+        self._tmp.cleanup()
 
 
 def _wait_for_encoder(http: Any, encoder_runtime: str, device: str, timeout_s: float = 600.0) -> str:
-    """Wait until the backend's start-up export (or load) of the ONNX encoder is done, when it makes one, so the
+    """Wait until the backend's start-up export (or load) of the exported encoder is done, when it makes one, so the
     measured batch never shares the cores with it; returns the runtime /health reports."""
     from ovsam.encoder_runtime import wants_onnx
 
@@ -141,53 +155,66 @@ def _wait_for_encoder(http: Any, encoder_runtime: str, device: str, timeout_s: f
         time.sleep(0.5)
 
 
-def measure_bulk_path(model: Path, images: Sequence[np.ndarray], label_config: str, device: str,
-                      automatic: dict[str, Any], threshold: float, encoder_runtime: str) -> dict[str, Any]:
-    """Images/s of the bulk path: iter_predictions (prefetching downloads) and a POST per prediction."""
-    import os
+class BulkPath:
+    """Images/s of the bulk path: iter_predictions (prefetching downloads) and a POST per prediction, in this process.
 
-    ls = FakeLabelStudio()
-    warm, *paths = ls.add_images([warm_up_image(images), *images])
-    with tempfile.TemporaryDirectory(prefix="bench-bulk-") as tmp:
-        env = backend_env(model, ls.url, Path(tmp), device, automatic, threshold, encoder_runtime)
-        saved = {k: os.environ.get(k) for k in env}
+    The backend's settings come from the environment, as the command's do; they stay set while this path lives.
+    """
+
+    name = "bulk"
+
+    def __init__(self, model: Path, sample: np.ndarray, label_config: str, device: str, automatic: dict[str, Any],
+                 threshold: float, encoder_runtime: str) -> None:
+        import os
+
+        self.ls = FakeLabelStudio()
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-bulk-")
+        env = backend_env(model, self.ls.url, Path(self._tmp.name), device, automatic, threshold, encoder_runtime)
+        self._saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        try:
-            from labelstudio_backend.bulk import post_prediction
-            from labelstudio_backend.config import Settings
-            from labelstudio_io.images import ImageLoader, ImageLoaderConfig
-            from labelstudio_backend.jobs import JobManager
-            from labelstudio_backend.metrics_log import Metrics
-            from labelstudio_backend.model import OVSAMBackend
-            from labelstudio_backend.registry import ModelRegistry
-            from labelstudio_backend.runtime import ModelRuntime
+        from labelstudio_backend.bulk import post_prediction
+        from labelstudio_backend.config import Settings
+        from labelstudio_backend.jobs import JobManager
+        from labelstudio_backend.metrics_log import Metrics
+        from labelstudio_backend.model import OVSAMBackend
+        from labelstudio_backend.registry import ModelRegistry
+        from labelstudio_backend.runtime import ModelRuntime
+        from labelstudio_io.images import ImageLoader, ImageLoaderConfig
 
-            settings = Settings.from_env()
-            runtime = ModelRuntime(settings, ModelRegistry(settings.model_dir))
-            serving = runtime.start()
-            if serving.encoder_setup is not None:  # the start-up export/load of the ONNX encoder: not measured
-                serving.encoder_setup.join()
-            loader = ImageLoader(ImageLoaderConfig.from_env())
-            backend = OVSAMBackend(settings, runtime, loader, JobManager(), Metrics())
-            schema = backend.schema(label_config)
-            list(backend.iter_predictions([{"id": 1, "data": {"image": warm}, "project": 1}], schema))
-            tasks = [{"id": 2000 + i, "data": {"image": p}, "project": 1} for i, p in enumerate(paths)]
-            start = time.perf_counter()
-            posted = 0
-            encoder = serving.predictor.image_encoder.runtime
-            for task, outcome in backend.iter_predictions(tasks, schema):
-                if not isinstance(outcome, Exception):
-                    post_prediction(loader, task["id"], outcome)
-                    posted += 1
-            seconds = time.perf_counter() - start
-            backend.close()
-            runtime.close()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            ls.close()
-    return {"bulk_images_per_s": posted / seconds, "bulk_seconds": seconds, "bulk_images": posted,
-            "bulk_posted": ls.posted, "bulk_image_encoder": encoder}
+        self._post = post_prediction
+        settings = Settings.from_env()
+        self.runtime = ModelRuntime(settings, ModelRegistry(settings.model_dir))
+        serving = self.runtime.start()
+        if serving.encoder_setup is not None:  # the start-up export/load of the exported encoder: not measured
+            serving.encoder_setup.join()
+        self.loader = ImageLoader(ImageLoaderConfig.from_env())
+        self.backend = OVSAMBackend(settings, self.runtime, self.loader, JobManager(), Metrics())
+        self.schema = self.backend.schema(label_config)
+        self.image_encoder = serving.predictor.image_encoder.runtime
+        self._next_id = 2000
+        self.measure([sample])
+
+    def measure(self, images: Sequence[np.ndarray]) -> tuple[float, int]:
+        paths = self.ls.add_images(images)
+        tasks = [{"id": self._next_id + i, "data": {"image": p}, "project": 1} for i, p in enumerate(paths)]
+        self._next_id += len(tasks)
+        start = time.perf_counter()
+        posted = 0
+        for task, outcome in self.backend.iter_predictions(tasks, self.schema):
+            if not isinstance(outcome, Exception):
+                self._post(self.loader, task["id"], outcome)
+                posted += 1
+        return time.perf_counter() - start, posted
+
+    def close(self) -> None:
+        import os
+
+        self.backend.close()
+        self.runtime.close()
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self.ls.close()
+        self._tmp.cleanup()

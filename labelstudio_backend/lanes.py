@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .openmp import release_thread_pool
+
 __all__ = ["PriorityLock", "background_lane", "in_background_lane"]
 
 _INTERACTIVE, _BACKGROUND = 0, 1
@@ -40,7 +42,9 @@ def background_lane() -> Iterator[None]:
 class PriorityLock:
     """A reentrant lock whose interactive waiters are served before background waiters."""
 
-    def __init__(self) -> None:
+    def __init__(self, free_thread_pools: bool = False) -> None:
+        # free_thread_pools: a CPU device's lock frees each holder's OpenMP pool on release (openmp.py says why).
+        self._free_thread_pools = free_thread_pools
         self._cond = threading.Condition(threading.Lock())
         self._owner: int | None = None
         self._depth = 0
@@ -69,9 +73,12 @@ class PriorityLock:
             if self._owner != threading.get_ident():
                 raise RuntimeError("release of a PriorityLock not held by this thread")
             self._depth -= 1
-            if self._depth == 0:
+            released = self._depth == 0
+            if released:
                 self._owner = None
                 self._cond.notify_all()
+        if released and self._free_thread_pools:
+            release_thread_pool()  # this thread's OpenMP workers; the next holder's own pool is the only one
 
     def yield_to_interactive(self) -> None:
         """Background work outside the lock: wait while a click holds the device or waits for it."""

@@ -42,6 +42,7 @@ from ovsam.vocabulary import Vocabulary, VocabularyBuilder, resolve_vocabulary
 
 from .config import Settings
 from .lanes import PriorityLock, background_lane
+from .openmp import frees_thread_pool
 from .registry import ModelRegistry, ProjectModels, VersionInfo
 
 __all__ = [
@@ -71,7 +72,7 @@ def device_lock(device: torch.device) -> PriorityLock:
     """The one model lock of a device, shared by every predictor placed on it (clicks go first)."""
     key = str(device)
     with _device_locks_guard:
-        return _device_locks.setdefault(key, PriorityLock())
+        return _device_locks.setdefault(key, PriorityLock(free_thread_pools=torch.device(device).type == "cpu"))
 
 
 class ModelLoadError(RuntimeError):
@@ -214,6 +215,7 @@ class ServingModel:
         """(texts embedded, texts in all) of a build in progress, or None."""
         return self._progress.get(self._label_key(labels, synonyms))
 
+    @frees_thread_pool
     def _build_view(
         self, key: tuple[Any, ...], labels: list[str], synonyms: dict[str, Sequence[str]]
     ) -> OVSAMPredictor:
@@ -342,6 +344,7 @@ class ModelRuntime:
 
     base = current
 
+    @frees_thread_pool
     def load(self, source: ModelSource) -> ServingModel:
         """Load a source onto the configured device (slow: call it off the event loop)."""
         start = time.perf_counter()
@@ -478,6 +481,7 @@ class ModelRuntime:
         log.info("unloaded project %s's model %s (MAX_LOADED_PROJECT_MODELS=%d)",
                  project, old.version, self.settings.max_loaded_project_models)
 
+    @frees_thread_pool
     def load_project_artifact(self, path: Path) -> ServingModel:
         """Load a project's artifact (checksum verified), sharing the base's image encoder when it is the same."""
         base = self.current

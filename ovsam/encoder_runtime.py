@@ -70,6 +70,8 @@ class CompiledEncoder:
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
             # Denormals cost orders of magnitude more cycles and change nothing at the 1e-4 the export is held to.
             "CPU_DENORMALS_OPTIMIZATION": True,
+            # No pinning: torch's threads (decoder, head) share these cores right after, in the same process.
+            "ENABLE_CPU_PINNING": False,
         }
         self.compiled = core.compile_model(core.read_model(source), "CPU", config)
         self.output_names = [_graph_output_name(o.get_names()) for o in self.compiled.outputs]
