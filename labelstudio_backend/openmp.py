@@ -32,21 +32,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 @lru_cache(maxsize=1)
 def _libgomp() -> Optional[Any]:
     """The libgomp torch's kernels use (the one mapped into this process), or None (another OpenMP, or none)."""
-    import torch  # noqa: F401  (loads torch's OpenMP runtime)
+    import torch  # (loads torch's OpenMP runtime)
 
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:  # not Linux
         return None
-    match = re.search(r"(/\S*libgomp[^/\s]*\.so[^/\s]*)", maps)
-    if match is None:
+    paths = sorted(set(re.findall(r"(/\S*libgomp[^/\s]*\.so[^/\s]*)", maps)))
+    # Another library may have brought its own copy: torch's is the one whose pools its kernels use.
+    torch_dir = str(Path(torch.__file__).resolve().parent)  # also matches a sibling torch.libs/
+    ours = [p for p in paths if p.startswith(torch_dir)] or paths
+    if not ours:
         return None
     try:
-        lib = ctypes.CDLL(match.group(1))
+        lib = ctypes.CDLL(ours[0])
         lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
         lib.omp_pause_resource_all.restype = ctypes.c_int
     except (OSError, AttributeError) as exc:
-        log.debug("libgomp at %s cannot free thread pools: %s", match.group(1), exc)
+        log.debug("libgomp at %s cannot free thread pools: %s", ours[0], exc)
         return None
     return lib
 
