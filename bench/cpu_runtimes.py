@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ovsam.config import get_config  # noqa: E402
 from ovsam.encoder_export import export_encoder, max_relative_diff  # noqa: E402
-from ovsam.encoder_runtime import compile_encoder  # noqa: E402
+from ovsam.encoder_runtime import CompiledEncoder  # noqa: E402
 from ovsam.model import OVSAM  # noqa: E402
 
 Runner = Callable[[], List[np.ndarray]]
@@ -51,20 +51,6 @@ def onnxruntime_runner(path: Path, x: np.ndarray, threads: int) -> Optional[Runn
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda: session.run(None, {"image": x})
-
-
-def openvino_bf16_runner(path: Path, x: np.ndarray, threads: int) -> Runner:
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
-    request = compiled.create_infer_request()
-
-    def run() -> List[np.ndarray]:
-        request.infer({0: x})
-        return [np.array(request.get_output_tensor(i).data) for i in range(len(compiled.outputs))]
-    return run
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -97,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             with torch.no_grad():
                 return [o.numpy() for o in model.encode_outputs(x)]
 
-        openvino = compile_encoder(export.path, threads)
+        openvino = CompiledEncoder(export.path, threads)
         runners: Dict[str, Runner] = {"eager": eager, "openvino": lambda: openvino.run(xn)}
         ort_runner = onnxruntime_runner(export.path, xn, threads)
         if ort_runner is not None:
@@ -105,7 +91,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         else:
             print("onnxruntime is not installed: skipped (pip install onnxruntime to include it)")
         if args.bf16:
-            runners["openvino_bf16"] = openvino_bf16_runner(export.path, xn, threads)
+            bf16 = CompiledEncoder(export.path, threads, precision="bf16")
+            runners["openvino_bf16"] = lambda: bf16.run(xn)
         rel = {name: max_relative_diff(reference, run()) for name, run in runners.items()}  # also the warm run
         times: Dict[str, List[float]] = {name: [] for name in runners}
         for r in range(args.repeats):

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import torch
 
+from harness import variant  # bench/ is the importing script's folder
 from ovsam.automatic import AutomaticConfig, AutomaticMaskGenerator
 from ovsam.encoder_export import export_encoder, max_relative_diff
 from ovsam.encoder_runtime import OnnxEncoder
@@ -34,12 +35,6 @@ def gemm_peak(n: int = 4096, repeats: int = 3) -> Dict[str, float]:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return {"n": n, "seconds": best, "gflops": 2 * n**3 / best / 1e9, "threads": torch.get_num_threads()}
-
-
-def _variant(image: np.ndarray, i: int) -> np.ndarray:
-    out = image.copy()
-    out[0, 0, 0] = (int(out[0, 0, 0]) + 1 + i) % 256
-    return out
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -66,14 +61,14 @@ def bench_runtimes(
         preds = {rt: OVSAMPredictor(model, vocab, cache_bytes=4 << 30) for rt in RUNTIMES}
         preds["onnx"].image_encoder.use_onnx(onnx, "bench")
         one = np.ones(1, np.int64)
-        onnx.encode_image(_variant(image, 999))  # first run: OpenVINO's own allocations
+        onnx.encode_image(variant(image, 999))  # first run: OpenVINO's own allocations
 
         times: Dict[str, Dict[str, List[float]]] = {rt: {"set_image": [], "first_predict": []} for rt in RUNTIMES}
         masks: Dict[str, List[np.ndarray]] = {rt: [] for rt in RUNTIMES}
         feats: Dict[str, Any] = {}
         for r in range(image_repeats):
             for rt in RUNTIMES:
-                img = _variant(image, 3000 + r)
+                img = variant(image, 3000 + r)
                 t, feats[rt] = _timed(lambda: preds[rt].set_image(img))
                 times[rt]["set_image"].append(t)
                 t, out = _timed(lambda: preds[rt].predict(point, one))
@@ -91,7 +86,7 @@ def bench_runtimes(
         for i in range(preannotate_images):
             for rt in RUNTIMES:
                 generator = AutomaticMaskGenerator(preds[rt], config)
-                img = _variant(image, 4000 + i)
+                img = variant(image, 4000 + i)
                 t, found = _timed(lambda: generator.generate(preds[rt].set_image(img)))
                 pre[rt].append(t)
                 instances[rt].append(len(found))

@@ -11,7 +11,17 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def variant(image: np.ndarray, k: int) -> np.ndarray:
+    """The image with one corner pixel changed: the same content (so the same model work) but an image no
+    content-keyed cache has seen, so every repeat or round computes afresh."""
+    out = image.copy()
+    out[0, 0, 0] = (int(out[0, 0, 0]) + 1 + k) % 256
+    return out
 
 
 class QuietHandler(BaseHTTPRequestHandler):

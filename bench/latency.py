@@ -57,6 +57,7 @@ from ovsam.transforms import ImageFrame, upscale_mask_logits  # noqa: E402
 from ovsam.vocabulary import Vocabulary  # noqa: E402
 
 from encoder_runtimes import add_rates, bench_runtimes, gemm_peak  # noqa: E402  (bench/encoder_runtimes.py)
+from harness import variant  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -136,13 +137,6 @@ def make_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     img = np.pad(img, ((0, height - img.shape[0]), (0, width - img.shape[1]), (0, 0)), mode="edge")
     noise = rng.integers(-12, 13, size=img.shape)
     return np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-
-
-def variant(image: np.ndarray, i: int) -> np.ndarray:
-    """A distinct image per repeat (defeats content-keyed caches) at no measurable cost."""
-    out = image.copy()
-    out[0, 0, 0] = (int(out[0, 0, 0]) + 1 + i) % 256
-    return out
 
 
 def click_points(rng: np.random.Generator, height: int, width: int, n: int) -> List[np.ndarray]:

@@ -203,7 +203,7 @@ def measure_rounds(paths: Sequence[Any], images: Sequence[np.ndarray], rounds: i
     server, bulk, model; ...); each round's images are fresh variants (`variant`), so no cache of any path helps.
     A path's rate is its images over its seconds summed over rounds; the ratios to the model-only rate are also
     given per round, whose spread shows how much the machine drifted."""
-    from preannotate_paths import variant
+    from harness import variant
 
     seconds = {p.name: [] for p in paths}
     counts = {p.name: [] for p in paths}

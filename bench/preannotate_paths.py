@@ -69,14 +69,6 @@ class FakeLabelStudio:
         self.server.server_close()
 
 
-def variant(image: np.ndarray, k: int) -> np.ndarray:
-    """The image with one corner pixel changed: the same content (so the same automatic-mode work), but an image no
-    cache of any path has seen, so every round encodes every image afresh."""
-    out = image.copy()
-    out[0, 0, 0] = (int(out[0, 0, 0]) + 1 + k) % 256
-    return out
-
-
 def warm_up_image(images: Sequence[np.ndarray]) -> np.ndarray:
     """An image none of the measured ones equals (so none is in the embedding cache), of the same size."""
     return np.ascontiguousarray(images[0][::-1, ::-1])

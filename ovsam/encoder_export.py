@@ -155,12 +155,12 @@ def _silence_tracer() -> None:
 def verify(model: OVSAM, onnx_model: bytes | str | Path, threads: Optional[int] = None) -> float:
     """Max relative difference between eager and the OpenVINO-compiled export on the fixed input (see
     `max_relative_diff`)."""
-    from .encoder_runtime import compile_encoder
+    from .encoder_runtime import CompiledEncoder
 
     x = reference_input(model)
     with torch.no_grad():
         ref: List[torch.Tensor] = model.encode_outputs(x.to(model.device))
-    out = compile_encoder(onnx_model, threads).run(np.ascontiguousarray(x.numpy()))
+    out = CompiledEncoder(onnx_model, threads).run(np.ascontiguousarray(x.numpy()))
     return max_relative_diff(ref, out)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -51,20 +51,20 @@ def wants_onnx(runtime: str, device: torch.device | str) -> bool:
 
 
 class CompiledEncoder:
-    """An ONNX encoder graph compiled by OpenVINO for this CPU, in fp32 (outputs held to eager's within 1e-4).
+    """An ONNX encoder graph compiled by OpenVINO for this CPU, using as many threads as torch does.
 
-    OpenVINO would pick bf16 by itself on CPUs with AMX/AVX512-BF16; the precision is pinned to f32 so the
-    export is the same model as eager. One inference at a time (an infer request is not reentrant); outputs are
-    copied out, since the request reuses its buffers.
+    OpenVINO would pick bf16 by itself on CPUs with AMX/AVX512-BF16; the precision is pinned (f32 unless told:
+    what is served is held to eager's outputs within 1e-4, so only benches ask for bf16). One inference at a time
+    (an infer request is not reentrant); outputs are copied out, since the request reuses its buffers.
     """
 
-    def __init__(self, onnx_model: bytes | str | Path, threads: Optional[int] = None) -> None:
+    def __init__(self, onnx_model: bytes | str | Path, threads: Optional[int] = None, precision: str = "f32") -> None:
         import openvino as ov
 
         core = ov.Core()
         source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
         config = {
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": precision,
             "PERFORMANCE_HINT": "LATENCY",
             # The same share of the machine as torch, whose decoder runs right after on the same cores.
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
@@ -92,18 +92,13 @@ def _graph_output_name(names: set) -> str:
     return public[0] if public else sorted(names)[0]
 
 
-def compile_encoder(onnx_model: bytes | str | Path, threads: Optional[int] = None) -> CompiledEncoder:
-    """An OpenVINO CPU compilation using as many threads as torch does (the same share of the machine)."""
-    return CompiledEncoder(onnx_model, threads)
-
-
 class OnnxEncoder:
     """A verified ONNX export of one model's encoder, run by OpenVINO on CPU."""
 
     def __init__(self, model: OVSAM, path: Path, threads: Optional[int] = None) -> None:
         self.model = model
         self.path = Path(path)
-        self.session = compile_encoder(self.path, threads)
+        self.session = CompiledEncoder(self.path, threads)
         expected = model.encode_output_names()
         got = self.session.output_names
         if got != expected:
