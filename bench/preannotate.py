@@ -12,12 +12,13 @@ settings, regions below ``PREANNOTATION_THRESHOLD`` dropped):
 
 Throughput: model only, images/s for encode + automatic mode (no image decoding, no RLE, no HTTP); with
 ``--end-to-end`` also the server path (a batch ``/predict`` to the backend process) and the bulk path
-(``bench/preannotate_paths.py``), all on the same images in interleaved rounds (``--rounds``), each path's rate as a
-ratio to the model-only rate of the same rounds (target >= 0.9).
+(``bench/preannotate_paths.py``), all on the same images in short interleaved rounds (``--round-images`` images a
+round, ``--passes`` over the images), each path's rate as a ratio to the model-only rate of the same rounds
+(target >= 0.9).
 
     .venv/bin/python bench/preannotate.py [--model labelstudio_backend/default_model/ovsam_demo.safetensors]
         [--seeds 13,14,15] [--tuning-seeds 21,22,23,24] [--images 30] [--threshold 0.5] [--config '{"points_per_side": 16}']
-        [--end-to-end] [--rounds 3] [--encoder-runtime auto|torch|onnx]
+        [--end-to-end] [--passes 2] [--round-images 5] [--encoder-runtime auto|torch|onnx]
         [--json PATH]
 """
 
@@ -166,7 +167,7 @@ class ModelPath:
     name = "model"
 
     def __init__(self, artifact: Any, config: Any, sample: np.ndarray, device: str, encoder_runtime: str,
-                 model_path: Path) -> None:
+                 model_path: Path, batch_images: int = 1) -> None:
         from ovsam.automatic import AutomaticMaskGenerator
         from ovsam.encoder_runtime import configure_encoder
         from ovsam.predictor import OVSAMPredictor
@@ -176,6 +177,7 @@ class ModelPath:
         configure_encoder(self.predictor.image_encoder, encoder_runtime, model_path)
         self.image_encoder = self.predictor.image_encoder.runtime
         self.generator = AutomaticMaskGenerator(self.predictor, config)
+        self.batch_images = batch_images
         self._count = 0
         self.measure([sample])
 
@@ -188,9 +190,14 @@ class ModelPath:
 
         sync()
         start = time.perf_counter()
-        for image in images:
-            self._count += 1
-            self.generator.generate(self.predictor.set_image(image, key=f"model-{self._count}"))
+        for first in range(0, len(images), self.batch_images):  # encoded in batches, as the backend does
+            group = images[first:first + self.batch_images]
+            keys = [f"model-{self._count + i}" for i in range(len(group))]
+            self._count += len(group)
+            features = (self.predictor.set_images(group, keys) if len(group) > 1
+                        else [self.predictor.set_image(group[0], key=keys[0])])
+            for feats in features:
+                self.generator.generate(feats)
         sync()
         return time.perf_counter() - start, len(images)
 
@@ -198,24 +205,31 @@ class ModelPath:
         pass
 
 
-def measure_rounds(paths: Sequence[Any], images: Sequence[np.ndarray], rounds: int) -> dict[str, Any]:
-    """Every path on the same images, round after round, the order rotating each round (model, server, bulk;
-    server, bulk, model; ...); each round's images are fresh variants (`variant`), so no cache of any path helps.
-    A path's rate is its images over its seconds summed over rounds; the ratios to the model-only rate are also
-    given per round, whose spread shows how much the machine drifted."""
+def measure_rounds(paths: Sequence[Any], images: Sequence[np.ndarray], passes: int, round_images: int) -> dict[str, Any]:
+    """Every path on the same images in short rounds: each round is `round_images` images, run by every path in an
+    order rotating from round to round (model, server, bulk; server, bulk, model; ...), and `passes` times over all
+    images. Each round's images are fresh one-pixel variants (`variant`), so no cache of any path helps.
+
+    Short rounds because this machine's speed drifts by 10-20 % over minutes: the paths of one round run within
+    seconds of each other, so the drift mostly cancels in their ratio. A path's rate is its images over its seconds
+    summed over rounds; the ratios to the model-only rate are also given per round, with their median and quartiles,
+    whose spread shows how much the machine moved under the measurement."""
     from harness import variant
 
+    chunks = [images[i:i + round_images] for i in range(0, len(images), max(round_images, 1))]
+    rounds = passes * len(chunks)
     seconds = {p.name: [] for p in paths}
     counts = {p.name: [] for p in paths}
     for r in range(rounds):
         order = list(paths[r % len(paths):]) + list(paths[:r % len(paths)])
+        chunk = chunks[r % len(chunks)]
         for k, path in enumerate(order):
-            batch = [variant(image, 10 * r + k) for image in images]
+            batch = [variant(image, 10 * r + k) for image in chunk]
             s, n = path.measure(batch)
             seconds[path.name].append(s)
             counts[path.name].append(n)
             print(f"round {r + 1}/{rounds} {path.name:>6}: {n} images in {s:.1f} s", flush=True)
-    out: dict[str, Any] = {"rounds": rounds}
+    out: dict[str, Any] = {"rounds": rounds, "passes": passes, "round_images": round_images}
     for name in seconds:
         out[f"{name}_images_per_s"] = sum(counts[name]) / sum(seconds[name])
         out[f"{name}_seconds"] = sum(seconds[name])
@@ -224,29 +238,34 @@ def measure_rounds(paths: Sequence[Any], images: Sequence[np.ndarray], rounds: i
     model_rate = out["model_images_per_s"]
     for name in seconds:
         if name != "model":
+            per_round = [(counts[name][r] / seconds[name][r]) / (counts["model"][r] / seconds["model"][r])
+                         for r in range(rounds)]
             out[f"{name}_over_model"] = out[f"{name}_images_per_s"] / model_rate
-            out[f"{name}_over_model_per_round"] = [
-                (counts[name][r] / seconds[name][r]) / (counts["model"][r] / seconds["model"][r]) for r in range(rounds)]
+            out[f"{name}_over_model_per_round"] = per_round
+            q1, median, q3 = np.quantile(per_round, [0.25, 0.5, 0.75]).tolist()
+            out[f"{name}_over_model_median"] = median
+            out[f"{name}_over_model_quartiles"] = [q1, q3]
     return out
 
 
 def measure_throughput(model: Path, artifact: Any, config: Any, samples: Sequence[Sample], device: str,
-                       threshold: float, encoder_runtime: str, rounds: int, end_to_end: bool) -> dict[str, Any]:
+                       threshold: float, encoder_runtime: str, passes: int, round_images: int,
+                       end_to_end: bool, batch_images: int) -> dict[str, Any]:
     """Model-only images/s, and with `end_to_end` the server and bulk paths measured in the same rounds."""
     from preannotate_paths import BulkPath, ServerPath, warm_up_image
 
     images = [s.image for s in samples]
     warm = warm_up_image(images)
-    paths: list[Any] = [ModelPath(artifact, config, warm, device, encoder_runtime, model)]
+    paths: list[Any] = [ModelPath(artifact, config, warm, device, encoder_runtime, model, batch_images)]
     try:
         if end_to_end:
             labels = "".join(f'<Label value="{label}"/>' for label in artifact.vocabulary.labels)
             xml = (f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}'
                    "</BrushLabels></View>")
-            args = (model, warm, xml, device, dataclasses.asdict(config), threshold, encoder_runtime)
+            args = (model, warm, xml, device, dataclasses.asdict(config), threshold, encoder_runtime, batch_images)
             paths.append(ServerPath(*args))
             paths.append(BulkPath(*args))
-        out = measure_rounds(paths, images, rounds)
+        out = measure_rounds(paths, images, passes, round_images)
         for p in paths:
             out[f"{p.name}_image_encoder"] = p.image_encoder
         if end_to_end:
@@ -282,32 +301,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="PREANNOTATION_THRESHOLD (default: the config's confidence_threshold)")
     p.add_argument("--config", default="{}", help="AutomaticConfig overrides as JSON")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="throughput rounds: every path on every image once per round, interleaved (see measure_rounds)")
+    p.add_argument("--passes", type=int, default=2,
+                   help="throughput: passes over the images, every path on every image once per pass")
+    p.add_argument("--round-images", type=int, default=5,
+                   help="throughput: images per round; the paths take turns round by round (see measure_rounds)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--end-to-end", action="store_true",
                    help="also the server path (HTTP batch to the backend process) and the bulk path (iter_predictions "
                         "+ posting), on the same images (bench/preannotate_paths.py)")
     p.add_argument("--encoder-runtime", default="auto", choices=("auto", "torch", "onnx"),
                    help="ENCODER_RUNTIME for every path (auto: the exported encoder on CPU, as the backend serves)")
+    p.add_argument("--batch-images", type=int, default=None,
+                   help="images encoded in one batch by every path (PREDICT_BATCH_IMAGES; default: the backend's for "
+                        "the device, 4 on a GPU, 1 on the CPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
     import torch
 
+    from labelstudio_backend.config import Settings
     from ovsam.checkpoint import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = build_config(json.loads(args.config))
+    batch_images = Settings(device=args.device, predict_batch_images=args.batch_images or 0).batch_images
     threshold = config.confidence_threshold if args.threshold is None else args.threshold
     artifact = load_model(args.model, "cpu")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     record: dict[str, Any] = {
         "bench": "preannotate", "model": artifact.version, "seeds": seeds,
         "image_seeds": [held_out_seed(s) for s in seeds], "images_per_seed": args.images, "threshold": threshold,
-        "config": dataclasses.asdict(config), "device": args.device, "torch": torch.__version__,
+        "config": dataclasses.asdict(config), "device": args.device, "batch_images": batch_images,
+        "torch": torch.__version__,
         "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
         "load_start": os.getloadavg()[0], "per_seed": {},
     }
@@ -330,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     record["quality_seconds"] = time.perf_counter() - started
     if not args.skip_throughput:
         record["throughput"] = measure_throughput(args.model, artifact, config, all_samples, args.device, threshold,
-                                                  args.encoder_runtime, args.rounds, args.end_to_end)
+                                                  args.encoder_runtime, args.passes, args.round_images,
+                                                  args.end_to_end, batch_images)
     record["load_end"] = os.getloadavg()[0]
     q = record["quality"]
     record["targets_met"] = {
@@ -360,12 +388,16 @@ def print_table(record: dict[str, Any]) -> None:
     if "throughput" in record:
         t = record["throughput"]
         print(f"model only (encode + automatic mode): {t['model_images_per_s']:.2f} images/s "
-              f"({t['model_images']} images in {t['rounds']} rounds, {t['model_seconds']:.1f} s, {record['device']}, "
+              f"({t['model_images']} images in {t['rounds']} rounds of {t['round_images']}, {t['model_seconds']:.1f} s, {record['device']}, "
               f"image encoder {t['model_image_encoder']})")
         if "server_images_per_s" in t:
             print(f"server path (HTTP batch): {t['server_images_per_s']:.2f} images/s = x{t['server_over_model']:.2f} "
                   f"model only; bulk path: {t['bulk_images_per_s']:.2f} images/s = x{t['bulk_over_model']:.2f} "
                   "(target >= 0.9)")
+            print(f"  median of the rounds: server x{t['server_over_model_median']:.2f} (quartiles "
+                  f"{t['server_over_model_quartiles'][0]:.2f}-{t['server_over_model_quartiles'][1]:.2f}), bulk "
+                  f"x{t['bulk_over_model_median']:.2f} ({t['bulk_over_model_quartiles'][0]:.2f}-"
+                  f"{t['bulk_over_model_quartiles'][1]:.2f})")
             print("  per round: server " + " ".join(f"x{x:.2f}" for x in t["server_over_model_per_round"])
                   + ", bulk " + " ".join(f"x{x:.2f}" for x in t["bulk_over_model_per_round"]))
     print("targets met:", record["targets_met"])

@@ -84,8 +84,9 @@ def _batch_body(paths: Sequence[str], label_config: str) -> dict[str, Any]:
 
 
 def backend_env(model: Path, ls_url: str, workdir: Path, device: str, automatic: dict[str, Any],
-                threshold: float, encoder_runtime: str) -> dict[str, str]:
+                threshold: float, encoder_runtime: str, batch_images: int) -> dict[str, str]:
     return {
+        "PREDICT_BATCH_IMAGES": str(batch_images),
         "ENCODER_RUNTIME": encoder_runtime,
         "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN, "MODEL_DIR": str(workdir / "models"),
         "OVSAM_CHECKPOINT": str(model), "DEVICE": device, "LOG_LEVEL": "WARNING",
@@ -103,7 +104,7 @@ class ServerPath:
     name = "server"
 
     def __init__(self, model: Path, sample: np.ndarray, label_config: str, device: str, automatic: dict[str, Any],
-                 threshold: float, encoder_runtime: str) -> None:
+                 threshold: float, encoder_runtime: str, batch_images: int) -> None:
         import httpx
 
         from harness import BackendProcess
@@ -112,7 +113,8 @@ class ServerPath:
         self.ls = FakeLabelStudio()
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-server-")
         tmp = Path(self._tmp.name)
-        self.server = BackendProcess(backend_env(model, self.ls.url, tmp, device, automatic, threshold, encoder_runtime),
+        self.server = BackendProcess(backend_env(model, self.ls.url, tmp, device, automatic, threshold, encoder_runtime,
+                                                 batch_images),
                                      tmp / "backend.log")
         self.http = httpx.Client(base_url=self.server.url, timeout=3600)
         self.image_encoder = _wait_for_encoder(self.http, encoder_runtime, device)
@@ -156,12 +158,13 @@ class BulkPath:
     name = "bulk"
 
     def __init__(self, model: Path, sample: np.ndarray, label_config: str, device: str, automatic: dict[str, Any],
-                 threshold: float, encoder_runtime: str) -> None:
+                 threshold: float, encoder_runtime: str, batch_images: int) -> None:
         import os
 
         self.ls = FakeLabelStudio()
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-bulk-")
-        env = backend_env(model, self.ls.url, Path(self._tmp.name), device, automatic, threshold, encoder_runtime)
+        env = backend_env(model, self.ls.url, Path(self._tmp.name), device, automatic, threshold, encoder_runtime,
+                          batch_images)
         self._saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         from labelstudio_backend.bulk import post_prediction

@@ -67,6 +67,9 @@ limits and the outbound policy: ``IMAGE_MAX_BYTES``, ``IMAGE_MAX_PIXELS``,
                             time (default 60; Label Studio waits 100 s) and, when Label
                             Studio's URL and key are known, posts the rest from a
                             background job (``/jobs``) through its API; 0 = no budget.
+``PREDICT_BATCH_IMAGES``    images encoded in one batch by pre-annotation (requests, jobs and the
+                            ``preannotate`` command); default 4 on a GPU, 1 on the CPU, where a batch
+                            does not pay (the exported encoder takes one image at a time).
 ``LEGACY_TRAIN``            ``true`` enables ``POST /train``, Label Studio's training call when
                             its START_TRAINING webhook flag is off, whose body carries the
                             annotations to train on; off by default (404): anyone reaching the
@@ -196,6 +199,7 @@ class Settings:
     preannotate_workers: int = 2
     image_download_workers: int = 4
     predict_batch_budget_s: float = 60.0
+    predict_batch_images: int = 0  # 0: the device's default (`batch_images`)
     legacy_train: bool = False
     max_labels: int = 2000
     max_label_config_kb: float = 1024.0
@@ -216,6 +220,13 @@ class Settings:
         if self.basic_auth_user is None:
             return None
         return self.basic_auth_user, self.basic_auth_pass or ""
+
+    @property
+    def batch_images(self) -> int:
+        """Images a pre-annotation batch encodes at once: PREDICT_BATCH_IMAGES, else 4 on a GPU and 1 on the CPU."""
+        if self.predict_batch_images:
+            return self.predict_batch_images
+        return 4 if self.device.startswith("cuda") else 1
 
     @property
     def embedding_cache_bytes(self) -> int:
@@ -258,6 +269,7 @@ class Settings:
             preannotate_workers=int(_number(env, "PREANNOTATE_WORKERS", 2, low=1, high=64)),
             image_download_workers=int(_number(env, "IMAGE_DOWNLOAD_WORKERS", 4, low=1, high=64)),
             predict_batch_budget_s=_number(env, "PREDICT_BATCH_BUDGET_S", 60.0, low=0.0),
+            predict_batch_images=int(_number(env, "PREDICT_BATCH_IMAGES", 0, low=0, high=64)),
             legacy_train=_bool(env, "LEGACY_TRAIN", False),
             max_labels=int(_number(env, "MAX_LABELS", 2000, low=1)),
             max_label_config_kb=_number(env, "MAX_LABEL_CONFIG_KB", 1024.0, low=1.0),

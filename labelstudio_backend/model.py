@@ -28,7 +28,9 @@ with clicks ahead of background work (``lanes.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -107,6 +109,16 @@ def _top_k_meta(top_k: Sequence[Any]) -> dict[str, Any]:
     ]
     text = ", ".join(f"{a['label']} {a['probability']:.2f}" for a in alternatives)
     return {"top_k": alternatives, "text": [f"top-{len(alternatives)}: {text}"] if alternatives else []}
+
+
+@dataclass
+class LoadedImage:
+    """A pre-annotation task's decoded image, its content key, and its features once a batch has encoded them."""
+
+    source: str
+    image: np.ndarray
+    key: str
+    features: ImageFeatures | None = None
 
 
 @dataclass
@@ -410,25 +422,23 @@ class OVSAMBackend:
         assert plan.predictor is not None
         generator = self._generator(plan.predictor)
         results: list[dict[str, Any]] = []
-        loads = _prefetch(tasks, lambda t: self._load_image(t, schema), self._io, _PREFETCH)
-        for done, (task, future) in enumerate(zip(tasks, loads)):
-            # past the deadline, at least one task is still answered: every request makes progress
-            stop = cancelled() or (deadline is not None and done > 0 and time.monotonic() >= deadline)
-            if stop:
-                if cancelled():  # Label Studio gave up on this request: nobody will receive the rest
-                    log.warning("batch of %d tasks abandoned by its client after %d; stopping", len(tasks), done)
-                    self.metrics.count("batches_abandoned")
-                future.cancel()
-                loads.close()
-                break
-            try:
-                source, image = future.result()
-                results.append(self._predict_image(serving, schema, generator, source, image))
-            except (ImageError, ValueError) as exc:  # this task's image; the others go on
-                log.warning("task %s: no prediction: %s", task.get("id"), exc)
-                self.metrics.count("tasks_failed")
-                self.metrics.record_error(f"no prediction: {exc}", task=task.get("id"), project=task.get("project"))
-                results.append({"result": [], "score": 0.0, "model_version": serving.version})
+        with contextlib.closing(self._loaded(serving, schema, tasks, _PREFETCH)) as loaded:
+            for done, (task, item) in enumerate(loaded):
+                # past the deadline, at least one task is still answered: every request makes progress
+                if cancelled() or (deadline is not None and done > 0 and time.monotonic() >= deadline):
+                    if cancelled():  # Label Studio gave up on this request: nobody will receive the rest
+                        log.warning("batch of %d tasks abandoned by its client after %d; stopping", len(tasks), done)
+                        self.metrics.count("batches_abandoned")
+                    break  # closing `loaded` cancels the downloads nobody will use
+                try:
+                    if isinstance(item, Exception):
+                        raise item
+                    results.append(self._predict_image(serving, schema, generator, item))
+                except (ImageError, ValueError) as exc:  # this task's image; the others go on
+                    log.warning("task %s: no prediction: %s", task.get("id"), exc)
+                    self.metrics.count("tasks_failed")
+                    self.metrics.record_error(f"no prediction: {exc}", task=task.get("id"), project=task.get("project"))
+                    results.append({"result": [], "score": 0.0, "model_version": serving.version})
         return results
 
     def _serving_for(self, project: Any, tasks: Sequence[Mapping[str, Any]]) -> ServingModel:
@@ -447,24 +457,50 @@ class OVSAMBackend:
         """
         serving = self._serving_for(project, tasks)
         generator = self._generator(serving.predictor_for(schema.labels, schema.synonyms))
-        loads = _prefetch(tasks, lambda t: self._load_image(t, schema), self._io, prefetch)
-        try:
-            for task, future in zip(tasks, loads):
+        with contextlib.closing(self._loaded(serving, schema, tasks, prefetch)) as loaded:
+            for task, item in loaded:
                 try:
-                    source, image = future.result()
-                    yield task, self._predict_image(serving, schema, generator, source, image)
+                    if isinstance(item, Exception):
+                        raise item
+                    yield task, self._predict_image(serving, schema, generator, item)
                 except (ImageError, ValueError) as exc:
                     self.metrics.count("tasks_failed")
                     yield task, exc
+
+    def _loaded(
+        self, serving: ServingModel, schema: ProjectSchema, tasks: Sequence[Mapping[str, Any]], prefetch: int
+    ) -> Iterator[tuple[Mapping[str, Any], LoadedImage | Exception]]:
+        """Each task's image (or why it has none), in task order, downloading ahead of the model.
+
+        With ``PREDICT_BATCH_IMAGES`` > 1 (a GPU's default) the images of each group of that many tasks are encoded
+        in one batch before the first of them is predicted; on the CPU one by one, as the predictions need them.
+        Closing the iterator cancels the downloads nobody will use.
+        """
+        size = max(self.settings.batch_images, 1)
+        loads = _prefetch(tasks, lambda t: self._load_image(t, schema), self._io, max(prefetch, size))
+        pairs = zip(tasks, loads)
+        try:
+            while group := list(itertools.islice(pairs, size)):
+                items: list[tuple[Mapping[str, Any], LoadedImage | Exception]] = []
+                for task, future in group:
+                    try:
+                        source, image = future.result()
+                        items.append((task, LoadedImage(source, image, image_key(image))))
+                    except (ImageError, ValueError) as exc:
+                        items.append((task, exc))
+                ready = [item for _, item in items if isinstance(item, LoadedImage)]
+                if len(ready) > 1:
+                    features = serving.predictor.set_images([i.image for i in ready], [i.key for i in ready])
+                    for item, feats in zip(ready, features):
+                        item.features = feats
+                yield from items
         finally:
             loads.close()
 
-    def _predict_image(
-        self, serving: ServingModel, schema: ProjectSchema, generator: Any, source: str, image: np.ndarray
-    ) -> dict[str, Any]:
-        key = image_key(image)
-        self._remember(source, key)
-        features = serving.predictor.set_image(image, key=key)  # also makes the annotator's first click fast
+    def _predict_image(self, serving: ServingModel, schema: ProjectSchema, generator: Any, loaded: LoadedImage) -> dict[str, Any]:
+        self._remember(loaded.source, loaded.key)
+        # also makes the annotator's first click fast: the features stay in the embedding cache
+        features = loaded.features or serving.predictor.set_image(loaded.image, key=loaded.key)
         instances = generator.generate(features) if generator is not None else []
         regions, scores = self._regions(schema, instances)
         self.metrics.count("tasks_predicted")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -134,6 +134,13 @@ class ImageEncoder:
         if onnx is not None and self.model.device.type == "cpu":
             return onnx.encode_image(image)
         return self.model.encode_image(image)
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> List[ImageFeatures]:
+        """One batch through eager PyTorch; the export (batch 1, CPU, where a batch does not pay) image by image."""
+        onnx = self.onnx
+        if onnx is not None and self.model.device.type == "cpu":
+            return [onnx.encode_image(image) for image in images]
+        return self.model.encode_images(images)
 
 
 def load_onnx_encoder(model: OVSAM, artifact: Optional[Path] = None, export: bool = True,

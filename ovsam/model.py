@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -120,6 +120,14 @@ class OVSAM(nn.Module):
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
         x, frame = self.preprocess(image)
         return self.features_from_outputs(self.encode_outputs(x), frame)
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> List[ImageFeatures]:
+        """Several images through the encoder in one batch (a GPU's throughput for pre-annotation); each image's
+        features are its own tensors (cloned out of the batch), so caching one keeps only its bytes."""
+        inputs = [self.preprocess(image) for image in images]
+        outputs = self.encode_outputs(torch.cat([x for x, _ in inputs]))
+        return [self.features_from_outputs([o[i:i + 1].clone() for o in outputs], frame)
+                for i, (_, frame) in enumerate(inputs)]
 
     def encode_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Every per-image tensor as one flat list (`encode_output_names`): what an exported encoder returns."""

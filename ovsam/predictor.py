@@ -149,6 +149,23 @@ class OVSAMPredictor:
         self._local.current = self.cache.get_or_compute(self._cache_key(key), compute)
         return self._local.current
 
+    def set_images(self, images: Sequence[np.ndarray], keys: Optional[Sequence[Optional[str]]] = None) -> List[ImageFeatures]:
+        """`set_image` for several images, the ones not cached encoded in one batch (pre-annotation on a GPU).
+
+        Every image's features are cached as `set_image` caches them; none becomes the current image.
+        """
+        images = [validate_image(image) for image in images]
+        keys = [self._cache_key(k or image_key(im)) for im, k in zip(images, keys or [None] * len(images))]
+        found: List[Optional[ImageFeatures]] = [self.cache.get(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            with self.inference():
+                computed = self.image_encoder.encode_images([images[i] for i in missing])
+            for i, feats in zip(missing, computed):
+                found[i] = feats.to(self.device, torch.float32)
+                self.cache.put(keys[i], found[i])
+        return found  # type: ignore[return-value]
+
     def _cache_key(self, key: str) -> str:
         return f"{self.cache_namespace}/{key}" if self.cache_namespace else key
 

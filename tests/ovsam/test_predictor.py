@@ -263,3 +263,38 @@ def test_excluded_labels_stay_in_the_softmax_but_are_never_predicted(loaded):
     for a, b in zip(plain, excluded):
         kept = [s.label for s in a.top_k if s.label not in top]
         assert [s.label for s in b.top_k if s.label not in top] == kept
+
+
+def _close_features(a, b, tol=1e-4):
+    pairs = [(a.embedding, b.embedding), (a.c5, b.c5), *zip(a.pyramid, b.pyramid)]
+    return a.frame.original_size == b.frame.original_size and all(
+        x.shape == y.shape and torch.allclose(x, y, rtol=tol, atol=tol * float(y.abs().max())) for x, y in pairs)
+
+
+def test_set_images_encodes_the_uncached_images_in_one_batch_equal_to_one_by_one(predictor):
+    images = [_image(seed=1), _image(60, 40, seed=2), _image(90, 90, seed=3)]
+    one_by_one = OVSAMPredictor(predictor.model, predictor.vocabulary, device="cpu")
+    single = [one_by_one.set_image(im) for im in images]
+
+    spy = _Spy(predictor.model.encode_outputs)
+    predictor.model.encode_outputs = spy
+    batched = predictor.set_images(images)
+    assert [args[0].shape[0] for args, _ in spy.calls] == [3]  # one batch of three
+    assert all(_close_features(b, s) for b, s in zip(batched, single))
+    # each image's features own their bytes (not views of the batch), and are cached as set_image caches them
+    assert [b.nbytes for b in batched] == [s.nbytes for s in single]
+    assert all(b.embedding.untyped_storage().nbytes() == b.embedding.nbytes for b in batched)
+    assert predictor.cache.nbytes == sum(s.nbytes for s in single)
+    assert predictor.set_image(images[1]) is batched[1]
+    # the same prompt decodes the same mask logits on batch-encoded and one-by-one features (equal up to rounding)
+    prompt = dict(points=np.array([[20.0, 15.0]]), point_labels=np.array([1]))
+    from_batch = predictor.predict(**prompt, features=batched[0])
+    from_single = one_by_one.predict(**prompt, features=single[0])
+    assert torch.allclose(from_batch.low_res_logits, from_single.low_res_logits, rtol=1e-4, atol=1e-4)
+    assert (from_batch.mask != from_single.mask).mean() < 0.005
+
+    # cached images are not encoded again; only the new one is
+    spy.calls.clear()
+    again = predictor.set_images([images[0], _image(50, 70, seed=4), images[2]])
+    assert [args[0].shape[0] for args, _ in spy.calls] == [1]
+    assert again[0] is batched[0] and again[2] is batched[2]
