@@ -58,7 +58,8 @@ class CompiledEncoder:
     (an infer request is not reentrant); outputs are copied out, since the request reuses its buffers.
     """
 
-    def __init__(self, onnx_model: bytes | str | Path, threads: Optional[int] = None, precision: str = "f32") -> None:
+    def __init__(self, onnx_model: bytes | str | Path, threads: Optional[int] = None, precision: str = "f32",
+                 profile: bool = False) -> None:
         import openvino as ov
 
         core = ov.Core()
@@ -72,6 +73,8 @@ class CompiledEncoder:
             "CPU_DENORMALS_OPTIMIZATION": True,
             # No pinning: torch's threads (decoder, head) share these cores right after, in the same process.
             "ENABLE_CPU_PINNING": False,
+            # Per-node execution times (`runtime_layers`), for bench/encoder_layers.py; off when serving.
+            "PERF_COUNT": profile,
         }
         self.compiled = core.compile_model(core.read_model(source), "CPU", config)
         self.output_names = [_graph_output_name(o.get_names()) for o in self.compiled.outputs]
@@ -84,6 +87,31 @@ class CompiledEncoder:
             self._request.infer({0: image})
             return [np.array(self._request.get_output_tensor(i).data, copy=True)
                     for i in range(len(self.output_names))]
+
+
+    def runtime_nodes(self) -> List[dict]:
+        """The executed graph after OpenVINO's fusions, in execution order: each node's name, layer type, kernel
+        and the original (ONNX) operations it computes; for bench/encoder_layers.py."""
+        nodes = []
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = {k: v.astype(str) for k, v in op.get_rt_info().items()}
+            nodes.append({"name": op.get_friendly_name(), "type": info.get("layerType", op.get_type_name()),
+                          "kernel": info.get("primitiveType", ""),
+                          "original": [n for n in info.get("originalLayersNames", "").split(",") if n],
+                          "inputs": [_static_shape(i) for i in op.inputs()],
+                          "outputs": [_static_shape(o) for o in op.outputs()]})
+        return nodes
+
+    def node_times_us(self) -> dict:
+        """Each executed node's time in the last inference, in µs (compiled with `profile`, else empty)."""
+        with self._lock:
+            return {p.node_name: p.real_time.total_seconds() * 1e6 for p in self._request.get_profiling_info()
+                    if p.status.name == "EXECUTED"}
+
+
+def _static_shape(port: object) -> Optional[List[int]]:
+    shape = port.get_partial_shape()  # type: ignore[attr-defined]
+    return [int(d) for d in shape.to_shape()] if shape.is_static else None
 
 
 def _graph_output_name(names: set) -> str:

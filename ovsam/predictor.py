@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -18,6 +19,8 @@ from .fusion import foreground_probabilities
 from .model import OVSAM, ImageFeatures
 from .transforms import upscale_mask_logits, validate_image
 from .vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -159,8 +162,19 @@ class OVSAMPredictor:
         found: List[Optional[ImageFeatures]] = [self.cache.get(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
+            batch = [images[i] for i in missing]
             with self.inference():
-                computed = self.image_encoder.encode_images([images[i] for i in missing])
+                try:
+                    computed = self.image_encoder.encode_images(batch)
+                except torch.OutOfMemoryError:
+                    if len(batch) == 1:
+                        raise
+                    # a batch too large for this device's memory: one image at a time needs a batch's fraction
+                    log.warning("out of memory encoding %d images in one batch: encoding them one by one (lower "
+                                "PREDICT_BATCH_IMAGES)", len(batch))
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    computed = [self.image_encoder.encode_image(image) for image in batch]
             for i, feats in zip(missing, computed):
                 found[i] = feats.to(self.device, torch.float32)
                 self.cache.put(keys[i], found[i])

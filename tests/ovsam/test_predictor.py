@@ -298,3 +298,17 @@ def test_set_images_encodes_the_uncached_images_in_one_batch_equal_to_one_by_one
     again = predictor.set_images([images[0], _image(50, 70, seed=4), images[2]])
     assert [args[0].shape[0] for args, _ in spy.calls] == [1]
     assert again[0] is batched[0] and again[2] is batched[2]
+
+
+def test_set_images_falls_back_to_one_by_one_when_a_batch_runs_out_of_memory(predictor, caplog):
+    images = [_image(seed=1), _image(60, 40, seed=2)]
+    want = [OVSAMPredictor(predictor.model, predictor.vocabulary, device="cpu").set_image(im) for im in images]
+
+    def out_of_memory(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    predictor.image_encoder.encode_images = out_of_memory
+    with caplog.at_level("WARNING"):
+        got = predictor.set_images(images)
+    assert all(_close_features(g, w) for g, w in zip(got, want))
+    assert "one by one" in caplog.text and "PREDICT_BATCH_IMAGES" in caplog.text
