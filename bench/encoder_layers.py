@@ -153,6 +153,10 @@ def print_report(s: Dict[str, Any], peak: Dict[str, Any], model: str, threads: i
           f"{s['outside_nodes_s']:.3f} s; {s['gflop']:.1f} GFLOP in GEMM nodes (ONNX graph: {s['gflop_in_onnx']:.1f})")
     print(f"GEMM nodes: {s['gemm_nodes']}, {s['gemm_s']:.3f} s, {s['gemm_peak_fraction']:.2f} of peak")
     print(f"other nodes: {s['other_nodes']}, {s['other_s']:.3f} s = {s['other_share_of_nodes']:.1%} of node time")
+    if s["outside_nodes_s"] < 0:
+        print(f"note: the nodes' times add up to {-s['outside_nodes_s']:.3f} s more than the inference's wall time "
+              f"({s['nodes_s'] / s['wall_s'] - 1:.0%}): OpenVINO's per-node times overlap or include waiting, so "
+              "shares of node time are approximate to that much")
     print(f"whole encoder: {s['whole_peak_fraction']:.2f} of peak; bound with every GEMM node at the peak: "
           f"{s['bound_peak_fraction']:.2f} ({s['bound_with_outside_peak_fraction']:.2f} counting the time outside nodes)")
     print(f"\n{'GEMM nodes by kind':48s} {'nodes':>5s} {'s':>8s} {'GFLOP':>8s} {'of peak':>8s}")

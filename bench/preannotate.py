@@ -194,10 +194,8 @@ class ModelPath:
             group = images[first:first + self.batch_images]
             keys = [f"model-{self._count + i}" for i in range(len(group))]
             self._count += len(group)
-            features = (self.predictor.set_images(group, keys) if len(group) > 1
-                        else [self.predictor.set_image(group[0], key=keys[0])])
-            for feats in features:
-                self.generator.generate(feats)
+            for features in self.predictor.set_images(group, keys):
+                self.generator.generate(features)
         sync()
         return time.perf_counter() - start, len(images)
 
@@ -205,7 +203,9 @@ class ModelPath:
         pass
 
 
-def measure_rounds(paths: Sequence[Any], images: Sequence[np.ndarray], passes: int, round_images: int) -> dict[str, Any]:
+def measure_rounds(
+    paths: Sequence[Any], images: Sequence[np.ndarray], passes: int, round_images: int
+) -> dict[str, Any]:
     """Every path on the same images in short rounds: each round is `round_images` images, run by every path in an
     order rotating from round to round (model, server, bulk; server, bulk, model; ...), and `passes` times over all
     images. Each round's images are fresh one-pixel variants (`variant`), so no cache of any path helps.
@@ -317,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    for name in ("passes", "round_images", "batch_images", "images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
 
     import torch
 
@@ -388,8 +392,8 @@ def print_table(record: dict[str, Any]) -> None:
     if "throughput" in record:
         t = record["throughput"]
         print(f"model only (encode + automatic mode): {t['model_images_per_s']:.2f} images/s "
-              f"({t['model_images']} images in {t['rounds']} rounds of {t['round_images']}, {t['model_seconds']:.1f} s, {record['device']}, "
-              f"image encoder {t['model_image_encoder']})")
+              f"({t['model_images']} images in {t['rounds']} rounds of {t['round_images']}, {t['model_seconds']:.1f} s, "
+              f"{record['device']}, image encoder {t['model_image_encoder']}, {record['batch_images']} a batch)")
         if "server_images_per_s" in t:
             print(f"server path (HTTP batch): {t['server_images_per_s']:.2f} images/s = x{t['server_over_model']:.2f} "
                   f"model only; bulk path: {t['bulk_images_per_s']:.2f} images/s = x{t['bulk_over_model']:.2f} "

@@ -422,10 +422,12 @@ class OVSAMBackend:
         assert plan.predictor is not None
         generator = self._generator(plan.predictor)
         results: list[dict[str, Any]] = []
-        with contextlib.closing(self._loaded(serving, schema, tasks, _PREFETCH)) as loaded:
+        def stop() -> bool:  # past the deadline, at least one task is still answered: every request makes progress
+            return cancelled() or (deadline is not None and len(results) > 0 and time.monotonic() >= deadline)
+
+        with contextlib.closing(self._loaded(serving, schema, tasks, _PREFETCH, stop)) as loaded:
             for done, (task, item) in enumerate(loaded):
-                # past the deadline, at least one task is still answered: every request makes progress
-                if cancelled() or (deadline is not None and done > 0 and time.monotonic() >= deadline):
+                if stop():
                     if cancelled():  # Label Studio gave up on this request: nobody will receive the rest
                         log.warning("batch of %d tasks abandoned by its client after %d; stopping", len(tasks), done)
                         self.metrics.count("batches_abandoned")
@@ -468,19 +470,21 @@ class OVSAMBackend:
                     yield task, exc
 
     def _loaded(
-        self, serving: ServingModel, schema: ProjectSchema, tasks: Sequence[Mapping[str, Any]], prefetch: int
+        self, serving: ServingModel, schema: ProjectSchema, tasks: Sequence[Mapping[str, Any]], prefetch: int,
+        stop: Callable[[], bool] = lambda: False,
     ) -> Iterator[tuple[Mapping[str, Any], LoadedImage | Exception]]:
         """Each task's image (or why it has none), in task order, downloading ahead of the model.
 
         With ``PREDICT_BATCH_IMAGES`` > 1 (a GPU's default) the images of each group of that many tasks are encoded
         in one batch before the first of them is predicted; on the CPU one by one, as the predictions need them.
-        Closing the iterator cancels the downloads nobody will use.
+        ``stop()`` is asked before each group is waited for (a request past its deadline, or given up by Label
+        Studio, does not wait for another download); closing the iterator cancels the downloads nobody will use.
         """
         size = max(self.settings.batch_images, 1)
         loads = _prefetch(tasks, lambda t: self._load_image(t, schema), self._io, max(prefetch, size))
         pairs = zip(tasks, loads)
         try:
-            while group := list(itertools.islice(pairs, size)):
+            while not stop() and (group := list(itertools.islice(pairs, size))):
                 items: list[tuple[Mapping[str, Any], LoadedImage | Exception]] = []
                 for task, future in group:
                     try:
@@ -488,16 +492,28 @@ class OVSAMBackend:
                         items.append((task, LoadedImage(source, image, image_key(image))))
                     except (ImageError, ValueError) as exc:
                         items.append((task, exc))
-                ready = [item for _, item in items if isinstance(item, LoadedImage)]
-                if len(ready) > 1:
-                    features = serving.predictor.set_images([i.image for i in ready], [i.key for i in ready])
-                    for item, feats in zip(ready, features):
-                        item.features = feats
+                if size > 1:
+                    self._encode_group(serving, [item for _, item in items if isinstance(item, LoadedImage)])
                 yield from items
         finally:
             loads.close()
 
-    def _predict_image(self, serving: ServingModel, schema: ProjectSchema, generator: Any, loaded: LoadedImage) -> dict[str, Any]:
+    def _encode_group(self, serving: ServingModel, group: list[LoadedImage]) -> None:
+        """One batch for the group's images; if it fails, each task encodes its own image and fails alone."""
+        if not group:
+            return
+        try:
+            features = serving.predictor.set_images([i.image for i in group], [i.key for i in group])
+        except Exception as exc:  # noqa: BLE001 - the per-task path reports each task's own error
+            log.warning("encoding %d images in one batch failed (%s: %s); encoding them one by one",
+                        len(group), type(exc).__name__, exc)
+            return
+        for item, feats in zip(group, features):
+            item.features = feats
+
+    def _predict_image(
+        self, serving: ServingModel, schema: ProjectSchema, generator: Any, loaded: LoadedImage
+    ) -> dict[str, Any]:
         self._remember(loaded.source, loaded.key)
         # also makes the annotator's first click fast: the features stay in the embedding cache
         features = loaded.features or serving.predictor.set_image(loaded.image, key=loaded.key)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, Generic, Hashable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Generic, Hashable, List, Optional, Sequence, Tuple, TypeVar
 
 from cachetools import Cache, LRUCache
 
@@ -139,30 +139,47 @@ class SingleFlightLRUCache(SizedLRU[V]):
         return value
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
+        return self.get_or_compute_many([key], lambda missing: [compute()])[0]
+
+    def get_or_compute_many(self, keys: Sequence[Hashable], compute: Callable[[List[int]], List[V]]) -> List[V]:
+        """The value of every key: cached ones as they are, those another thread is computing from its flight, and
+        the rest from one call ``compute(indices)`` (indices into ``keys``), so pre-annotation encodes its missing
+        images in one batch while a click on one of them waits for that batch instead of encoding it again."""
+        values: List[Optional[V]] = [None] * len(keys)
+        owned: List[Tuple[int, Future]] = []
+        waiting: List[Tuple[int, Future]] = []
         with self._lock:
-            if key in self._cache:
-                self.hits += 1
-                return self._cache[key]  # cachetools marks it most recently used
-            future = self._inflight.get(key)
-            owner = future is None
-            if owner:
-                future = Future()
-                self._inflight[key] = future
-                self.misses += 1
-            else:
-                self.hits += 1
-        if not owner:
-            return future.result()
-        try:
-            value = compute()
-        except BaseException as exc:
+            for i, key in enumerate(keys):
+                if key in self._cache:
+                    self.hits += 1
+                    values[i] = self._cache[key]  # cachetools marks it most recently used
+                elif key in self._inflight:  # another thread's flight, or this call's own for a repeated key
+                    self.hits += 1
+                    waiting.append((i, self._inflight[key]))
+                else:
+                    self.misses += 1
+                    self._inflight[key] = Future()
+                    owned.append((i, self._inflight[key]))
+        if owned:
+            try:
+                computed = compute([i for i, _ in owned])
+                if len(computed) != len(owned):
+                    raise RuntimeError(f"computed {len(computed)} values for {len(owned)} keys")
+            except BaseException as exc:
+                with self._lock:
+                    for i, _ in owned:
+                        self._inflight.pop(keys[i], None)
+                for _, future in owned:
+                    future.set_exception(exc)
+                raise
             with self._lock:
-                self._inflight.pop(key, None)
-            future.set_exception(exc)
-            raise
-        with self._lock:
-            self.computations += 1
-            self._inflight.pop(key, None)
-        self.put(key, value)
-        future.set_result(value)
-        return value
+                self.computations += len(owned)
+                for i, _ in owned:
+                    self._inflight.pop(keys[i], None)
+            for (i, future), value in zip(owned, computed):
+                self.put(keys[i], value)
+                future.set_result(value)
+                values[i] = value
+        for i, future in waiting:
+            values[i] = future.result()
+        return values  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ class CompiledEncoder:
             "CPU_DENORMALS_OPTIMIZATION": True,
             # No pinning: torch's threads (decoder, head) share these cores right after, in the same process.
             "ENABLE_CPU_PINNING": False,
-            # Per-node execution times (`runtime_layers`), for bench/encoder_layers.py; off when serving.
+            # Per-node execution times (`node_times_us`), for bench/encoder_layers.py; off when serving.
             "PERF_COUNT": profile,
         }
         self.compiled = core.compile_model(core.read_model(source), "CPU", config)
@@ -88,8 +88,7 @@ class CompiledEncoder:
             return [np.array(self._request.get_output_tensor(i).data, copy=True)
                     for i in range(len(self.output_names))]
 
-
-    def runtime_nodes(self) -> List[dict]:
+    def runtime_nodes(self) -> List[Dict[str, Any]]:
         """The executed graph after OpenVINO's fusions, in execution order: each node's name, layer type, kernel
         and the original (ONNX) operations it computes; for bench/encoder_layers.py."""
         nodes = []
@@ -102,7 +101,7 @@ class CompiledEncoder:
                           "outputs": [_static_shape(o) for o in op.outputs()]})
         return nodes
 
-    def node_times_us(self) -> dict:
+    def node_times_us(self) -> Dict[str, float]:
         """Each executed node's time in the last inference, in µs (compiled with `profile`, else empty)."""
         with self._lock:
             return {p.node_name: p.real_time.total_seconds() * 1e6 for p in self._request.get_profiling_info()
@@ -157,18 +156,24 @@ class ImageEncoder:
     def use_onnx(self, encoder: Optional[OnnxEncoder], note: str) -> None:
         self.onnx, self.note = encoder, note
 
+    def _exported(self) -> Optional[OnnxEncoder]:
+        """The export when it serves (CPU only); one read, so a concurrent switch never mixes runtimes in a call."""
+        onnx = self.onnx
+        return onnx if onnx is not None and self.model.device.type == "cpu" else None
+
+    @property
+    def batches(self) -> bool:
+        """Whether `encode_images` encodes a batch in one call (eager); the export takes one image at a time."""
+        return self._exported() is None
+
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
-        onnx = self.onnx  # one read: a concurrent switch never mixes runtimes within an image
-        if onnx is not None and self.model.device.type == "cpu":
-            return onnx.encode_image(image)
-        return self.model.encode_image(image)
+        onnx = self._exported()
+        return onnx.encode_image(image) if onnx is not None else self.model.encode_image(image)
 
     def encode_images(self, images: Sequence[np.ndarray]) -> List[ImageFeatures]:
-        """One batch through eager PyTorch; the export (batch 1, CPU, where a batch does not pay) image by image."""
-        onnx = self.onnx
-        if onnx is not None and self.model.device.type == "cpu":
-            return [onnx.encode_image(image) for image in images]
-        return self.model.encode_images(images)
+        """One batch through eager PyTorch; the export (batch 1, on the CPU, where a batch does not pay) one by one."""
+        onnx = self._exported()
+        return [onnx.encode_image(im) for im in images] if onnx is not None else self.model.encode_images(images)
 
 
 def load_onnx_encoder(model: OVSAM, artifact: Optional[Path] = None, export: bool = True,

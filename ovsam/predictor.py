@@ -143,42 +143,43 @@ class OVSAMPredictor:
         """Compute (or fetch from the cache) every per-image feature; also becomes the current image."""
         image = validate_image(image)
         key = key or image_key(image)
-
-        def compute() -> ImageFeatures:
-            with self.inference():
-                feats = self.image_encoder.encode_image(image)
-            return feats.to(self.device, torch.float32)
-
-        self._local.current = self.cache.get_or_compute(self._cache_key(key), compute)
+        self._local.current = self.cache.get_or_compute(self._cache_key(key), lambda: self._encode(image))
         return self._local.current
 
-    def set_images(self, images: Sequence[np.ndarray], keys: Optional[Sequence[Optional[str]]] = None) -> List[ImageFeatures]:
-        """`set_image` for several images, the ones not cached encoded in one batch (pre-annotation on a GPU).
-
-        Every image's features are cached as `set_image` caches them; none becomes the current image.
-        """
+    def set_images(
+        self, images: Sequence[np.ndarray], keys: Optional[Sequence[Optional[str]]] = None
+    ) -> List[ImageFeatures]:
+        """`set_image` for several images (pre-annotation), those not cached encoded in one batch where batches
+        pay (eager PyTorch, i.e. a GPU); the exported CPU encoder takes them one at a time, each its own model
+        call, so a click waits for one image, not a batch. Every image's features are cached as `set_image`
+        caches them (a click on one being encoded waits for it); none becomes the current image."""
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
         images = [validate_image(image) for image in images]
-        keys = [self._cache_key(k or image_key(im)) for im, k in zip(images, keys or [None] * len(images))]
-        found: List[Optional[ImageFeatures]] = [self.cache.get(k) for k in keys]
-        missing = [i for i, f in enumerate(found) if f is None]
-        if missing:
-            batch = [images[i] for i in missing]
-            with self.inference():
-                try:
-                    computed = self.image_encoder.encode_images(batch)
-                except torch.OutOfMemoryError:
-                    if len(batch) == 1:
-                        raise
-                    # a batch too large for this device's memory: one image at a time needs a batch's fraction
-                    log.warning("out of memory encoding %d images in one batch: encoding them one by one (lower "
-                                "PREDICT_BATCH_IMAGES)", len(batch))
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    computed = [self.image_encoder.encode_image(image) for image in batch]
-            for i, feats in zip(missing, computed):
-                found[i] = feats.to(self.device, torch.float32)
-                self.cache.put(keys[i], found[i])
-        return found  # type: ignore[return-value]
+        cache_keys = [self._cache_key(k or image_key(im)) for im, k in zip(images, keys or [None] * len(images))]
+        if len(images) == 1 or not self.image_encoder.batches:
+            return [self.cache.get_or_compute(k, lambda im=im: self._encode(im)) for im, k in zip(images, cache_keys)]
+        return self.cache.get_or_compute_many(cache_keys, lambda missing: self._encode_batch([images[i] for i in missing]))
+
+    def _encode(self, image: np.ndarray) -> ImageFeatures:
+        with self.inference():
+            feats = self.image_encoder.encode_image(image)
+        return feats.to(self.device, torch.float32)
+
+    def _encode_batch(self, images: List[np.ndarray]) -> List[ImageFeatures]:
+        if len(images) == 1:
+            return [self._encode(images[0])]
+        with self.inference():
+            try:
+                return [f.to(self.device, torch.float32) for f in self.image_encoder.encode_images(images)]
+            except torch.OutOfMemoryError:
+                pass  # retried below, once this frame no longer holds the failed batch's activations
+        # a batch too large for this device's memory: one image at a time needs a batch's fraction
+        log.warning("out of memory encoding %d images in one batch: encoding them one by one (lower "
+                    "PREDICT_BATCH_IMAGES)", len(images))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [self._encode(image) for image in images]
 
     def _cache_key(self, key: str) -> str:
         return f"{self.cache_namespace}/{key}" if self.cache_namespace else key

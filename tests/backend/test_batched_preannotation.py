@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from labelstudio_backend.config import Settings, SettingsError
+from ovsam.model import OVSAM
 from ovsam.predictor import OVSAMPredictor
 
 
@@ -68,25 +69,32 @@ def _run(client: Any, helpers: Any, tasks: list[dict[str, Any]], path: str) -> l
 @pytest.mark.parametrize("path", ["request", "bulk"])
 def test_batched_pre_annotation_answers_as_one_by_one(make_client: Any, helpers: Any, fake_ls: Any,
                                                       monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    batches: list[int] = []
-    original = OVSAMPredictor.set_images
+    batches: list[int] = []  # images per set_images call
+    encodes: list[int] = []  # images per encoder call
+    set_images, encode_outputs = OVSAMPredictor.set_images, OVSAM.encode_outputs
 
-    def set_images(self: OVSAMPredictor, images: Any, keys: Any = None) -> Any:
+    def recording_set_images(self: OVSAMPredictor, images: Any, keys: Any = None) -> Any:
         batches.append(len(images))
-        return original(self, images, keys)
+        return set_images(self, images, keys)
 
-    monkeypatch.setattr(OVSAMPredictor, "set_images", set_images)
+    def recording_encode_outputs(self: OVSAM, x: torch.Tensor) -> Any:
+        encodes.append(x.shape[0])
+        return encode_outputs(self, x)
+
+    monkeypatch.setattr(OVSAMPredictor, "set_images", recording_set_images)
+    monkeypatch.setattr(OVSAM, "encode_outputs", recording_encode_outputs)
     tasks = _tasks(helpers, fake_ls)
 
     RecordingGenerator.seen = []
     one_by_one = _run(make_client(PREANNOTATION_THRESHOLD="0.5"), helpers, tasks, path)
     single_features = RecordingGenerator.seen
-    assert batches == []  # on the CPU, no batch by default
+    assert batches == [] and encodes == [1, 1, 1, 1]  # on the CPU, no batch by default
 
-    RecordingGenerator.seen = []
+    RecordingGenerator.seen, encodes[:] = [], []
     batched = _run(make_client(PREANNOTATION_THRESHOLD="0.5", PREDICT_BATCH_IMAGES="2"), helpers, tasks, path)
-    # groups of two tasks: (disk, rect) in one batch; (no image, wide): one image, encoded alone; (tall): alone
-    assert batches == [2]
+    # groups of two tasks: (disk, rect) in one batch; (no image, wide): one image, encoded alone; (tall): alone;
+    # and the predictions use the batch's features: no image is encoded a second time
+    assert batches == [2, 1, 1] and encodes == [2, 1, 1]
     assert batched == one_by_one
     assert [len(r) if isinstance(r, list) else r for r in batched] == [1, 1, 0 if path == "request" else "ImageError", 1, 1]
     assert len(RecordingGenerator.seen) == len(single_features) == 4

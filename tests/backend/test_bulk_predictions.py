@@ -53,10 +53,11 @@ def batch_body(helpers: Any, n: int) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.parametrize("batch_images", ["1", "3"])  # 3: groups of images encoded in one batch, as on a GPU
 def test_a_batch_beyond_the_budget_is_finished_by_a_job_that_posts_to_label_studio(
-    backend_env: dict[str, str], helpers: Any, fake_ls: Any, slow_generator: SlowGenerator
+    backend_env: dict[str, str], helpers: Any, fake_ls: Any, slow_generator: SlowGenerator, batch_images: str
 ) -> None:
-    env = {**backend_env, "PREDICT_BATCH_BUDGET_S": "1.0"}
+    env = {**backend_env, "PREDICT_BATCH_BUDGET_S": "1.0", "PREDICT_BATCH_IMAGES": batch_images}
     with helpers.live_server(helpers.build_app(env)) as url, httpx.Client(base_url=url, timeout=60) as http:
         r = http.post("/predict", json=batch_body(helpers, 12))  # 12 x 0.4 s: far beyond the 1 s budget
         assert r.status_code == 200

@@ -119,6 +119,60 @@ def test_concurrent_same_key_computes_once():
     assert all(r is results[0] for r in results)
 
 
+def test_many_keys_compute_the_missing_ones_in_one_call():
+    cache = SingleFlightLRUCache(10_000, len)
+    cache.put("cached", b"c" * 4)
+    calls = []
+
+    def compute(missing):
+        calls.append(list(missing))
+        return [bytearray(b"v" * (i + 1)) for i in missing]
+
+    values = cache.get_or_compute_many(["new0", "cached", "new2", "new0"], compute)
+    assert calls == [[0, 2]]  # one call for the two distinct missing keys; the repeated key shares its flight
+    assert values[0] is values[3] and values[1] == b"c" * 4 and values[2] == b"vvv"
+    assert cache.misses == 2 and cache.hits == 2 and cache.computations == 2
+    assert cache.get("new2") is values[2] and not cache._inflight
+
+
+def test_a_single_key_in_a_batch_flight_waits_for_the_batch():
+    cache = SingleFlightLRUCache(10_000, len)
+    release = threading.Event()
+    single_calls = []
+
+    def batch(missing):
+        assert release.wait(TIMEOUT)
+        return [bytearray(b"b" * 3) for _ in missing]
+
+    threads, results, errors = _run_threads(1, lambda i: cache.get_or_compute_many(["x", "y"], batch))
+    _wait_until(lambda: "y" in cache._inflight)
+    waiter, waited, waiter_errors = _run_threads(1, lambda i: cache.get_or_compute("y", lambda: single_calls.append(1)))
+    _wait_until(lambda: cache.hits == 1)  # the click joined the batch's flight
+    release.set()
+    _join(threads + waiter)
+    assert errors == [None] and waiter_errors == [None] and single_calls == []
+    assert waited[0] is results[0][1]
+
+
+def test_a_failed_batch_fails_its_waiters_and_caches_nothing():
+    cache = SingleFlightLRUCache(10_000, len)
+    release = threading.Event()
+
+    def batch(missing):
+        assert release.wait(TIMEOUT)
+        raise RuntimeError("out of memory")
+
+    threads, _, errors = _run_threads(1, lambda i: cache.get_or_compute_many(["x", "y"], batch))
+    _wait_until(lambda: "x" in cache._inflight)
+    waiter, _, waiter_errors = _run_threads(1, lambda i: cache.get_or_compute("x", lambda: b"never"))
+    _wait_until(lambda: cache.hits == 1)
+    release.set()
+    _join(threads + waiter)
+    assert isinstance(errors[0], RuntimeError) and isinstance(waiter_errors[0], RuntimeError)
+    assert len(cache) == 0 and not cache._inflight
+    assert cache.get_or_compute("x", lambda: b"later") == b"later"  # the next request computes afresh
+
+
 def test_different_keys_compute_in_parallel():
     cache = SingleFlightLRUCache(10_000, len)
     n = 4
