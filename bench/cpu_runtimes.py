@@ -17,9 +17,6 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,10 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ovsam.config import get_config  # noqa: E402
+from encoder_runtimes import add_encoder_args, finish, random_encoder_setup  # noqa: E402  (bench/encoder_runtimes.py)
 from ovsam.encoder_export import export_encoder, max_relative_diff  # noqa: E402
 from ovsam.encoder_runtime import CompiledEncoder  # noqa: E402
-from ovsam.model import OVSAM  # noqa: E402
 
 Runner = Callable[[], List[np.ndarray]]
 
@@ -55,21 +51,12 @@ def onnxruntime_runner(path: Path, x: np.ndarray, threads: int) -> Optional[Runn
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ovsam", default="rn50x16", help="model preset (random weights at its shape)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per runtime, after one untimed warm run")
-    ap.add_argument("--threads", type=int, default=None, help="threads for every runtime (default torch's)")
+    add_encoder_args(ap, 2, "timed runs per runtime, after one untimed warm run")
     ap.add_argument("--bf16", action="store_true", help="also OpenVINO with bf16 inference precision")
-    ap.add_argument("--json", type=Path, default=None, help="also write the JSON object here")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    load_start = list(os.getloadavg())
-    torch.manual_seed(0)
-    model = OVSAM(get_config(args.ovsam)).eval()
+    setup = random_encoder_setup(args.ovsam, args.threads)
+    model, x, xn, threads = setup.model, setup.x, setup.x_numpy, setup.threads
     size = model.cfg.image_size
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    xn = np.ascontiguousarray(x.numpy())
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         export = export_encoder(model, cache_dir=Path(tmp))
@@ -106,17 +93,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print(f"{'runtime':14s} {'best s':>8s} {'x eager':>8s} {'max rel diff':>13s}")
     for name in runners:
         print(f"{name:14s} {best[name]:8.3f} {best['eager'] / best[name]:8.2f} {rel[name]:13.2e}")
-    result = {
-        "benchmark": "cpu_runtimes", "model": args.ovsam, "image_size": size, "threads": threads,
-        "machine": platform.machine(), "torch": torch.__version__, "export_s": export_s,
-        "seconds": times, "best_s": best, "speedup_over_eager": {n: best["eager"] / best[n] for n in best},
-        "max_rel_diff": rel, "loadavg_start_end": [load_start, list(os.getloadavg())],
-    }
-    line = json.dumps(result)
-    if args.json:
-        args.json.write_text(line + "\n")
-    print(line)
-    return result
+    return finish(setup, args, "cpu_runtimes", {
+        "export_s": export_s, "seconds": times, "best_s": best,
+        "speedup_over_eager": {n: best["eager"] / best[n] for n in best}, "max_rel_diff": rel,
+    })
 
 
 if __name__ == "__main__":

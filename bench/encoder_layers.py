@@ -20,9 +20,6 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,15 +28,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoder_runtimes import gemm_peak  # noqa: E402  (bench/encoder_runtimes.py)
-from ovsam.config import get_config  # noqa: E402
+from encoder_runtimes import add_encoder_args, finish, gemm_peak, random_encoder_setup  # noqa: E402  (bench/encoder_runtimes.py)
 from ovsam.encoder_export import export_encoder  # noqa: E402
 from ovsam.encoder_runtime import CompiledEncoder  # noqa: E402
-from ovsam.model import OVSAM  # noqa: E402
 
 
 def gemm_flops(kind: str, inputs: List[Optional[List[int]]], outputs: List[Optional[List[int]]]) -> int:
@@ -173,20 +167,11 @@ def print_report(s: Dict[str, Any], peak: Dict[str, Any], model: str, threads: i
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ovsam", default="rn50x16", help="model preset (random weights at its shape)")
-    ap.add_argument("--repeats", type=int, default=3, help="profiled inferences after one warm run (medians)")
-    ap.add_argument("--threads", type=int, default=None, help="threads (default torch's)")
+    add_encoder_args(ap, 3, "profiled inferences after one warm run (medians)")
     ap.add_argument("--top", type=int, default=15, help="slowest nodes listed")
-    ap.add_argument("--json", type=Path, default=None, help="also write the JSON object here")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    load_start = list(os.getloadavg())
-    torch.manual_seed(0)
-    model = OVSAM(get_config(args.ovsam)).eval()
-    size = model.cfg.image_size
-    x = np.random.default_rng(1).standard_normal((1, 3, size, size), dtype=np.float32)
+    setup = random_encoder_setup(args.ovsam, args.threads)
+    model, x, threads = setup.model, setup.x_numpy, setup.threads
     with tempfile.TemporaryDirectory() as tmp:
         export = export_encoder(model, cache_dir=Path(tmp))
         if export.path is None:
@@ -202,17 +187,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     peak = max(peak_before, peak_after, key=lambda p: p["gflops"])
     summary = summarise(nodes, times_us, flops, peak["gflops"], float(np.median(walls)), args.top)
     print_report(summary, peak, args.ovsam, threads)
-    result = {
-        "benchmark": "encoder_layers", "model": args.ovsam, "image_size": size, "threads": threads,
-        "machine": platform.machine(), "torch": torch.__version__, "repeats": args.repeats, "walls_s": walls,
-        "gemm_peak": peak, "gemm_peak_readings_gflops": [peak_before["gflops"], peak_after["gflops"]],
-        **summary, "loadavg_start_end": [load_start, list(os.getloadavg())],
-    }
-    line = json.dumps(result)
-    if args.json:
-        args.json.write_text(line + "\n")
-    print(line)
-    return result
+    return finish(setup, args, "encoder_layers", {
+        "repeats": args.repeats, "walls_s": walls, "gemm_peak": peak,
+        "gemm_peak_readings_gflops": [peak_before["gflops"], peak_after["gflops"]], **summary,
+    })
 
 
 if __name__ == "__main__":

@@ -5,16 +5,22 @@ images so that load from other processes falls on both alike: their ratio is the
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from harness import variant  # bench/ is the importing script's folder
 from ovsam.automatic import AutomaticConfig, AutomaticMaskGenerator
+from ovsam.config import get_config
 from ovsam.encoder_export import export_encoder, max_relative_diff
 from ovsam.encoder_runtime import OnnxEncoder
 from ovsam.model import OVSAM
@@ -22,6 +28,54 @@ from ovsam.predictor import OVSAMPredictor
 from ovsam.vocabulary import Vocabulary
 
 RUNTIMES = ("torch", "onnx")
+
+
+def add_encoder_args(ap: argparse.ArgumentParser, repeats: int, repeats_help: str) -> None:
+    """The options every single-encoder bench takes (cpu_runtimes.py, encoder_layers.py)."""
+    ap.add_argument("--ovsam", default="rn50x16", help="model preset (random weights at its shape)")
+    ap.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    ap.add_argument("--threads", type=int, default=None, help="threads (default torch's)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the JSON object here")
+
+
+@dataclass
+class RandomEncoderSetup:
+    """A random-weight model at a preset's shape, one fixed input, and the conditions the figures were taken in."""
+
+    model: OVSAM
+    x: torch.Tensor  # [1, 3, S, S]
+    threads: int
+    load_start: List[float]
+
+    @property
+    def x_numpy(self) -> np.ndarray:
+        return np.ascontiguousarray(self.x.numpy())
+
+
+def random_encoder_setup(preset: str, threads: Optional[int]) -> RandomEncoderSetup:
+    if threads:
+        torch.set_num_threads(threads)
+    load_start = list(os.getloadavg())
+    torch.manual_seed(0)
+    model = OVSAM(get_config(preset)).eval()
+    size = model.cfg.image_size
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return RandomEncoderSetup(model, x, torch.get_num_threads(), load_start)
+
+
+def finish(setup: RandomEncoderSetup, args: argparse.Namespace, benchmark: str, figures: Dict[str, Any]) -> Dict[str, Any]:
+    """The bench's JSON object (its figures and the conditions they were taken in), printed as the last line and
+    written to ``--json`` if given."""
+    result = {
+        "benchmark": benchmark, "model": args.ovsam, "image_size": setup.model.cfg.image_size,
+        "threads": setup.threads, "machine": platform.machine(), "torch": torch.__version__, **figures,
+        "loadavg_start_end": [setup.load_start, list(os.getloadavg())],
+    }
+    line = json.dumps(result)
+    if args.json:
+        args.json.write_text(line + "\n")
+    print(line)
+    return result
 
 
 def gemm_peak(n: int = 4096, repeats: int = 3) -> Dict[str, float]:

@@ -426,11 +426,8 @@ class OVSAMBackend:
             return cancelled() or (deadline is not None and len(results) > 0 and time.monotonic() >= deadline)
 
         with contextlib.closing(self._loaded(serving, schema, tasks, _PREFETCH, stop)) as loaded:
-            for done, (task, item) in enumerate(loaded):
+            for task, item in loaded:
                 if stop():
-                    if cancelled():  # Label Studio gave up on this request: nobody will receive the rest
-                        log.warning("batch of %d tasks abandoned by its client after %d; stopping", len(tasks), done)
-                        self.metrics.count("batches_abandoned")
                     break  # closing `loaded` cancels the downloads nobody will use
                 try:
                     if isinstance(item, Exception):
@@ -441,6 +438,9 @@ class OVSAMBackend:
                     self.metrics.count("tasks_failed")
                     self.metrics.record_error(f"no prediction: {exc}", task=task.get("id"), project=task.get("project"))
                     results.append({"result": [], "score": 0.0, "model_version": serving.version})
+        if len(results) < len(tasks) and cancelled():  # Label Studio gave up on this request: nobody gets the rest
+            log.warning("batch of %d tasks abandoned by its client after %d; stopping", len(tasks), len(results))
+            self.metrics.count("batches_abandoned")
         return results
 
     def _serving_for(self, project: Any, tasks: Sequence[Mapping[str, Any]]) -> ServingModel:

@@ -169,8 +169,9 @@ def test_label_counts_and_configs_that_cannot_be_served_are_refused_at_once(
         assert http.post("/setup", json=setup).status_code == 200
 
 
+@pytest.mark.parametrize("batch_images", ["1", "4"])  # 4: images encoded in groups, as on a GPU
 def test_a_batch_stops_when_label_studio_disconnects(
-    backend_env: dict[str, str], helpers: Any, monkeypatch: pytest.MonkeyPatch
+    backend_env: dict[str, str], helpers: Any, monkeypatch: pytest.MonkeyPatch, batch_images: str
 ) -> None:
     original = AutomaticMaskGenerator.generate
 
@@ -181,7 +182,8 @@ def test_a_batch_stops_when_label_studio_disconnects(
     monkeypatch.setattr(AutomaticMaskGenerator, "generate", slow_generate)
     body = helpers.fixture_body("predict_batch")
     body["tasks"] = [copy.deepcopy(body["tasks"][i % 2]) | {"id": i + 1} for i in range(60)]  # 60 x 0.3 s = 18 s
-    with helpers.live_server(helpers.build_app(backend_env)) as url, httpx.Client(base_url=url, timeout=30) as http:
+    env = {**backend_env, "PREDICT_BATCH_IMAGES": batch_images}
+    with helpers.live_server(helpers.build_app(env)) as url, httpx.Client(base_url=url, timeout=30) as http:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/predict", json=body, timeout=1.5)  # Label Studio gives up and closes the connection
 
