@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoder_runtimes import add_encoder_args, finish, gemm_peak, random_encoder_setup  # noqa: E402  (bench/encoder_runtimes.py)
 from ovsam.encoder_export import export_encoder  # noqa: E402
-from ovsam.encoder_runtime import CompiledEncoder  # noqa: E402
+from ovsam.encoder_runtime import CompiledEncoder, static_shape  # noqa: E402
 
 
 def gemm_flops(kind: str, inputs: List[Optional[List[int]]], outputs: List[Optional[List[int]]]) -> int:
@@ -60,9 +60,8 @@ def onnx_op_flops(onnx_path: Path) -> Dict[str, int]:
 
     flops: Dict[str, int] = {}
     for op in ov.Core().read_model(str(onnx_path)).get_ordered_ops():
-        shapes = [[int(d) for d in p.get_partial_shape().to_shape()] for p in (*op.inputs(), *op.outputs())]
-        n_in = len(op.inputs())
-        f = gemm_flops(op.get_type_name(), shapes[:n_in], shapes[n_in:])
+        f = gemm_flops(op.get_type_name(), [static_shape(i) for i in op.inputs()],
+                       [static_shape(o) for o in op.outputs()])
         if f:
             flops[op.get_friendly_name()] = f
     return flops

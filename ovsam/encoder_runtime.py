@@ -97,8 +97,8 @@ class CompiledEncoder:
             nodes.append({"name": op.get_friendly_name(), "type": info.get("layerType", op.get_type_name()),
                           "kernel": info.get("primitiveType", ""),
                           "original": [n for n in info.get("originalLayersNames", "").split(",") if n],
-                          "inputs": [_static_shape(i) for i in op.inputs()],
-                          "outputs": [_static_shape(o) for o in op.outputs()]})
+                          "inputs": [static_shape(i) for i in op.inputs()],
+                          "outputs": [static_shape(o) for o in op.outputs()]})
         return nodes
 
     def node_times_us(self) -> Dict[str, float]:
@@ -108,7 +108,8 @@ class CompiledEncoder:
                     if p.status.name == "EXECUTED"}
 
 
-def _static_shape(port: object) -> Optional[List[int]]:
+def static_shape(port: object) -> Optional[List[int]]:
+    """An OpenVINO port's shape as a list of ints, or None when it is dynamic."""
     shape = port.get_partial_shape()  # type: ignore[attr-defined]
     return [int(d) for d in shape.to_shape()] if shape.is_static else None
 
